@@ -1,0 +1,132 @@
+"""Reading a catalogue: the category-attribute file, image paths (confined to their folder), image checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.progress import progress_iter
+from vlmtax.taxonomy import N_SLOTS, Remap
+
+DEFAULT_IMAGE_PATTERN = "{id:06d}.jpg"
+
+
+@dataclass
+class CategoryAttributes:
+    """Category -> attribute names in attr_1.. order, plus remaps declared alongside them."""
+
+    attributes: dict[str, list[str]]
+    remaps: list[Remap]
+
+
+def _as_list(value: object) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = json.loads(text.replace("'", '"')) if text.startswith("[") else [text]
+        except json.JSONDecodeError:
+            parsed = [p.strip(" '\"") for p in text.strip("[]").split(",")]
+        return [str(v).strip() for v in parsed if str(v).strip()]
+    return [str(v).strip() for v in list(value)]  # numpy arrays and lists from parquet
+
+
+def read_category_attributes(path: str | Path) -> CategoryAttributes:
+    """Meesho's category_attributes.parquet, or the same as JSON/YAML records or a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmtaxError(f"category-attribute file not found: {path}", "pass --attributes FILE (parquet, json or yaml)")
+    suffix = path.suffix.lower()
+    remaps: list[Remap] = []
+    try:
+        if suffix == ".parquet":
+            data: object = pd.read_parquet(path).to_dict("records")
+        elif suffix in (".json", ".yaml", ".yml"):
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        else:
+            raise VlmtaxError(f"unsupported category-attribute file type {suffix!r}", "use .parquet, .json or .yaml")
+    except VlmtaxError:
+        raise
+    except Exception as exc:  # parquet/json/yaml parsers raise many types; all mean "unreadable"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VlmtaxError(f"cannot read category-attribute file {path}: {first}", "check the file's format") from None
+
+    if isinstance(data, dict) and "categories" in data:
+        remaps = [Remap.parse(r) if isinstance(r, str) else Remap.model_validate(r) for r in data.get("remaps") or []]
+        data = data["categories"]
+    attributes: dict[str, list[str]] = {}
+    if isinstance(data, dict):
+        for name, attrs in data.items():
+            attributes[str(name)] = _as_list(attrs)
+    elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        for rec in data:
+            if "Category" not in rec or "Attribute_list" not in rec:
+                raise VlmtaxError(
+                    f"category-attribute file {path} records need Category and Attribute_list",
+                    "use Meesho's layout (Category, No_of_attribute, Attribute_list)",
+                )
+            attrs = _as_list(rec["Attribute_list"])
+            n = rec.get("No_of_attribute")
+            if n is not None and int(n) != len(attrs):
+                raise VlmtaxError(
+                    f"{path}: {rec['Category']} says No_of_attribute={n} but lists {len(attrs)} attributes",
+                    "make the two agree",
+                )
+            attributes[str(rec["Category"])] = attrs
+    else:
+        raise VlmtaxError(f"category-attribute file {path} has an unexpected structure", "see docs/data-formats.md")
+    if not attributes:
+        raise VlmtaxError(f"category-attribute file {path} lists no categories", "add at least one category")
+    for name, attrs in attributes.items():
+        if not 1 <= len(attrs) <= N_SLOTS:
+            raise VlmtaxError(f"category {name!r} has {len(attrs)} attributes", f"use 1 to {N_SLOTS} attributes")
+        if len(set(attrs)) != len(attrs):
+            raise VlmtaxError(f"category {name!r} repeats an attribute name", "give each attribute a unique name")
+    return CategoryAttributes(attributes=attributes, remaps=remaps)
+
+
+def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tuple[Path | None, str | None]:
+    """Resolve a row's image inside `images`; returns (path, None) or (None, reject reason)."""
+    if rel is None:
+        try:
+            rel = pattern.format(id=int(row_id) if row_id.strip().isdigit() else row_id)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None, "bad_id"
+    root = images.resolve()
+    candidate = (root / rel).resolve()
+    if candidate != root and root not in candidate.parents:
+        return None, "image_outside_folder"
+    return candidate, None
+
+
+def check_image(path: str) -> tuple[str | None, int, int]:
+    """Fully decode an image (catches truncation); returns (reject reason or None, width, height)."""
+    if not os.path.isfile(path):
+        return "missing_image", 0, 0
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable_image", 0, 0
+    return None, width, height
+
+
+def check_images(paths: list[str], workers: int | None = None, desc: str = "checking images") -> list[tuple]:
+    """Decode every image in parallel worker processes, with a progress bar."""
+    if not paths:
+        return []
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers <= 1 or len(paths) < 64:
+        return list(progress_iter(map(check_image, paths), total=len(paths), desc=desc))
+    chunk = max(16, len(paths) // (workers * 16))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(progress_iter(pool.map(check_image, paths, chunksize=chunk), total=len(paths), desc=desc))
