@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -87,14 +87,14 @@ def prepare(
     filler: Annotated[str, typer.Option(help="Value for non-applicable slots.")] = "dummy",
     val_fraction: Annotated[float, typer.Option(help="Share of rows for validation.")] = 0.1,
     seed: int = 42,
-    model: Annotated[Optional[Path], typer.Option(help="Processor to count tokens with.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Processor to count tokens with.")] = None,
     max_pixels: Annotated[int, typer.Option(help="Image pixel budget used for token counting.")] = 262144,
     min_pixels: Annotated[int, typer.Option(help="Minimum image pixels used for token counting.")] = 3136,
     max_length: Annotated[int, typer.Option(help="Reject records longer than this many tokens.")] = 2048,
     strict: Annotated[bool, typer.Option(help="Any rejected row is an error.")] = False,
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
-    remap: Annotated[Optional[list[str]], typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Image-check processes (default: all cores).")] = None,
+    remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores).")] = None,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -142,9 +142,9 @@ def predict(
     csv: Annotated[Path, typer.Option(help="Test CSV (id, Category).")],
     images: Annotated[Path, typer.Option(help="Folder holding the images.")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
-    taxonomy: Annotated[Optional[Path], typer.Option(help="taxonomy.json (default: the model dir's).")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: the model dir's).")] = None,
     batch_size: int = 8,
-    probs: Annotated[Optional[Path], typer.Option(help="Write per-value probabilities (JSONL).")] = None,
+    probs: Annotated[Path | None, typer.Option(help="Write per-value probabilities (JSONL).")] = None,
     mode: Annotated[Mode, typer.Option(help="constrained: only allowed values; free: generate then snap.")] = (
         Mode.constrained
     ),
@@ -161,9 +161,9 @@ def predict(
 def score(
     truth: Annotated[Path, typer.Option(help="Truth CSV (submission layout).")],
     pred: Annotated[Path, typer.Option(help="Prediction CSV (submission layout).")],
-    taxonomy: Annotated[Optional[Path], typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metric as JSON.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG with per-attribute bars.")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metric as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG with per-attribute bars.")] = None,
 ) -> None:
     """Score a submission with the competition metric, per category and per attribute."""
     from vlmtax.score import score as run

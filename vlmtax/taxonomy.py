@@ -128,7 +128,7 @@ def build_taxonomy(
         attrs = []
         for column in slot_order(len(attr_names), remaps, name):
             attr_name = attr_names[SLOT_COLUMNS.index(column)]
-            counter = Counter(v for v in rows[column] if v is not None) if column in rows else Counter()
+            counter = Counter(v for v in rows[column] if isinstance(v, str)) if column in rows else Counter()
             # Most frequent first; ties broken alphabetically so the mode is deterministic.
             ordered = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
             values = [v for v, _ in ordered] or [filler]
