@@ -1,0 +1,152 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.tiny_model import SPECIAL_TOKENS, build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def model(tiny_dir):
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_dir):
+    return AutoProcessor.from_pretrained(tiny_dir)
+
+
+def _image_prompt(processor, text="What colour is it?"):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_loads_as_qwen2_vl_with_tiny_sizes(model, processor):
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert type(processor.tokenizer).__name__ == "Qwen2Tokenizer"
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        64, 2, 4, 2)
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.hidden_size // text.num_attention_heads
+    assert (vision.depth, vision.embed_dim, vision.hidden_size, vision.patch_size) == (2, 32, 64, 14)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    # Like the real checkpoint, the embedding is padded past the tokenizer.
+    assert len(processor.tokenizer) < text.vocab_size
+    assert 2000 <= len(processor.tokenizer) <= 4100
+    assert processor.image_processor.merge_size == 2 and processor.image_processor.temporal_patch_size == 2
+
+
+def test_token_ids_agree_between_tokenizer_and_configs(model, processor):
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))  # right after the BPE vocabulary
+    eot, im_end = ids[0], ids[2]
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    cfg = model.config
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == processor.image_token_id
+    assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
+    assert (cfg.text_config.bos_token_id, cfg.text_config.eos_token_id) == (eot, im_end)
+    gen = model.generation_config
+    assert gen.eos_token_id == [im_end, eot] and gen.pad_token_id == eot and gen.do_sample is False
+
+
+def test_chat_template_is_qwen2_vl(processor):
+    text = _image_prompt(processor)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>What colour is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    plain = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "color: red"}], tokenize=False)
+    assert plain.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\ncolor: red<|im_end|>\n")
+
+
+def test_image_pads_expand_and_forward_gives_finite_logits(model, processor):
+    image = Image.new("RGB", (112, 112), (200, 30, 40))
+    inputs = processor(text=[_image_prompt(processor)], images=[image], return_tensors="pt")
+    n_pads = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert n_pads == inputs["image_grid_thw"].prod().item() // 4 == 16
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_returns_new_tokens(model, processor):
+    image = Image.new("RGB", (84, 140), (10, 120, 40))
+    inputs = processor(text=[_image_prompt(processor)], images=[image], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=5)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 5
+
+
+def test_tokenizer_round_trips_and_keeps_answer_boundaries(processor):
+    tok = processor.tokenizer
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    for text in ["sleeve_length: three-quarter sleeves\ncolor: navy blue", "Women Tops & Tunics",
+                 "ocassion: party\nprint_or_pattern_type: ethnic motif", "naïve 你好 😀\r\n\t 42.5%"]:
+        assert tok.decode(encode(text)) == text
+    assert encode("color:") + encode(" navy blue") == encode("color: navy blue")
+    assert encode("\nsleeve_length:") + encode(" three-quarter sleeves") == encode(
+        "\nsleeve_length: three-quarter sleeves")
+    assert len(encode("sleeve_length: three-quarter sleeves")) <= 8  # the product vocabulary was learned
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tiny_dir, tmp_path):
+    again = build_tiny_model(tmp_path / "again", seed=0)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    for name in ["model.safetensors", "tokenizer.json", "config.json", "processor_config.json"]:
+        assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+    assert (other / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_folder_is_reused_or_refused(tiny_dir, tmp_path):
+    before = (tiny_dir / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_model(tiny_dir, seed=0) == tiny_dir
+    assert (tiny_dir / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(VlmtaxError, match="already exists"):
+        build_tiny_model(tiny_dir, seed=1)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(VlmtaxError, match="already exists"):
+        build_tiny_model(busy, seed=0)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (build_tiny_model(empty) / "model.safetensors").is_file()
+
+
+def test_cli_builds_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "cli_model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "vlmtax", "tiny-model", str(out)], capture_output=True,
+                         text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (out / "model.safetensors").is_file() and (out / "vlmtax_tiny.json").is_file()
+    clash = subprocess.run([sys.executable, "-m", "vlmtax", "tiny-model", str(out), "--seed", "3"],
+                           capture_output=True, text=True, env=env)
+    assert clash.returncode == 2 and "already exists" in clash.stderr
