@@ -65,6 +65,28 @@ def image_token_count(processor: Any, width: int, height: int, min_pixels: int, 
     return patches // (ip.merge_size**2)
 
 
+class TokenCounter:
+    """Tokens of a record exactly as the collator builds it: templated prompt, image pads, answer, end of turn."""
+
+    def __init__(self, processor: Any, min_pixels: int, max_pixels: int):
+        self.processor = processor
+        self.segments = SegmentTokenizer(processor.tokenizer)
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self._prompt: dict[str, int] = {}
+        self._image: dict[tuple[int, int], int] = {}
+
+    def count(self, prompt: str, segments: list[Segment], width: int, height: int) -> int:
+        if prompt not in self._prompt:
+            # The template holds one <|image_pad|> that the processor expands; counted with the image below.
+            self._prompt[prompt] = len(self.segments.encode(prompt_text(self.processor, prompt))) - prompt.count(
+                IMAGE_PLACEHOLDER)
+        if (width, height) not in self._image:
+            self._image[(width, height)] = image_token_count(
+                self.processor, width, height, self.min_pixels, self.max_pixels)
+        n_images = prompt.count(IMAGE_PLACEHOLDER)
+        return self._prompt[prompt] + n_images * self._image[(width, height)] + len(self.segments.answer(segments)[0])
+
+
 def image_pad_id(processor: Any) -> int:
     tok = processor.tokenizer
     return tok.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))

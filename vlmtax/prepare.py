@@ -330,20 +330,11 @@ def _load_processor(model: str | Path) -> Any:
 
 
 def _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels) -> dict[int, int]:
-    """Tokens per record as the collator builds it: templated prompt + image pads + answer + end of turn."""
-    from vlmtax.chat import SegmentTokenizer, image_token_count, prompt_text
+    from vlmtax.chat import TokenCounter
 
-    seg_tok = SegmentTokenizer(processor.tokenizer)
-    prompt_len: dict[str, int] = {}
-    image_len: dict[tuple[int, int], int] = {}
+    counter = TokenCounter(processor, min_pixels, max_pixels)
     counts: dict[int, int] = {}
     for i, values, _ in records_meta:
         cat = taxonomy.categories[frame["Category"].iat[i]]
-        if cat.name not in prompt_len:
-            # The template holds one <|image_pad|> that the processor expands; counted separately below.
-            prompt_len[cat.name] = len(seg_tok.encode(prompt_text(processor, render_prompt(cat)))) - 1
-        if sizes[i] not in image_len:
-            image_len[sizes[i]] = image_token_count(processor, *sizes[i], min_pixels, max_pixels)
-        answer_ids, _ = seg_tok.answer(answer_segments(cat, values))
-        counts[i] = prompt_len[cat.name] + image_len[sizes[i]] + len(answer_ids)
+        counts[i] = counter.count(render_prompt(cat), answer_segments(cat, values), *sizes[i])
     return counts

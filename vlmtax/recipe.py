@@ -1,0 +1,149 @@
+"""The recipe: one typed, validated schema for fine-tuning, loaded from YAML with `key=value` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmtax.errors import VlmtaxError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Lora(_Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # all-linear = every linear layer of the language model (never the vision tower unless `vision`).
+    target: str | list[str] = "all-linear"
+    plus_ratio: float | None = Field(16, gt=0)  # LoRA+: lr of B matrices = lr * ratio; null = plain LoRA
+    modules_to_save: list[str] = Field(default_factory=list)
+    vision: bool = False  # also put LoRA on the vision tower's blocks
+
+
+class Freeze(_Strict):
+    vision: bool = True
+    projector: bool = True  # the merger that maps vision features into the language model
+
+
+class ImageCfg(_Strict):
+    min_pixels: int = Field(3136, ge=784)
+    max_pixels: int = Field(262144, ge=784)
+
+
+class Train(_Strict):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    lr: float = Field(1.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = True
+    liger: bool = False
+    seed: int = 42
+    max_length: int = Field(2048, ge=16)  # tokens per record; longer records are an error, never truncated
+    group_by_length: bool = True
+    eval: bool = True  # evaluation loss on val.json every epoch
+    save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
+    save_total_limit: int = Field(2, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class Log(_Strict):
+    every: int = Field(10, ge=1)
+    tensorboard: bool = False
+
+
+class Recipe(_Strict):
+    model: str
+    data: Path
+    output_dir: Path
+    finetuning: Literal["lora", "full"] = "lora"
+    lora: Lora = Field(default_factory=Lora)
+    quantization: Literal["4bit", "8bit"] | None = None
+    freeze: Freeze = Field(default_factory=Freeze)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    image: ImageCfg = Field(default_factory=ImageCfg)
+    train: Train = Field(default_factory=Train)
+    log: Log = Field(default_factory=Log)
+    resume: bool | str = False  # true = last checkpoint in output_dir; a string = that checkpoint
+    trust_remote_code: bool = False
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _none_string(cls, v: Any) -> Any:
+        return None if v in ("null", "none", "None") else v
+
+
+def _suggest(loc: tuple, model: type[BaseModel]) -> str:
+    """Closest valid key for an unknown one, walking the schema along `loc`."""
+    fields = model.model_fields
+    for part in loc[:-1]:
+        ann = fields.get(str(part))
+        sub = getattr(ann, "annotation", None) if ann else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            fields = sub.model_fields
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)
+    return f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else (
+        f"valid keys here: {', '.join(fields)}")
+
+
+def _validate(data: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise VlmtaxError(f"{source}: unknown recipe key {key!r}", _suggest(err["loc"], Recipe)) from None
+        if err["type"] == "missing":
+            raise VlmtaxError(f"{source}: recipe key {key!r} is required", f"add `{key}: ...` to the recipe") from None
+        raise VlmtaxError(f"{source}: recipe key {key!r}: {err['msg']}", "see docs/recipes.md") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.epochs=1 lora.rank=8`: dotted keys, values parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise VlmtaxError(f"bad override {item!r}", "write overrides as key=value, e.g. train.epochs=1")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise VlmtaxError(f"override {item!r}: {part} is not a section", "override a leaf key")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise VlmtaxError(f"recipe not found: {path}", "pass a recipe YAML, e.g. recipes/tiny_cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise VlmtaxError(f"recipe {path} is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise VlmtaxError(f"recipe {path} is not a mapping of keys", "see recipes/ for examples")
+    return _validate(apply_overrides(data, overrides or []), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,230 @@
+"""The sft stage: recipe -> model (+ LoRA / LoRA+ / QLoRA or full) -> TRL SFTTrainer -> run dir.
+
+Run dir: adapter (or full weights), processor + chat template, taxonomy.json, recipe.yaml,
+vlmtax_meta.json (written last: its presence marks a finished run) and checkpoint-N folders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import write_json
+from vlmtax.meta import META_FILE, files_hash, run_meta
+from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+
+LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_LINEAR = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    bf16_ok: bool
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
+    """bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU."""
+    if recipe.precision == "auto":
+        return "bf16" if hw.bf16_ok else "fp16" if hw.cuda else "fp32"
+    if recipe.precision in ("bf16", "fp16") and not hw.cuda:
+        raise VlmtaxError(f"precision={recipe.precision} needs a CUDA GPU", "use precision=auto or fp32 on the CPU")
+    if recipe.precision == "bf16" and not hw.bf16_ok:
+        raise VlmtaxError("this GPU has no bf16 support (T4/V100 class)", "use precision=fp16 or auto")
+    return recipe.precision
+
+
+def check_gpu_features(recipe: Recipe, hw: Hardware) -> None:
+    if recipe.quantization and not hw.cuda:
+        raise VlmtaxError(f"quantization={recipe.quantization} (bitsandbytes) needs a CUDA GPU",
+                          "set quantization=null on the CPU, or train on a GPU")
+    if recipe.quantization and recipe.finetuning == "full":
+        raise VlmtaxError("quantised weights cannot be fully fine-tuned", "use finetuning=lora with quantization")
+    if recipe.train.liger and not hw.cuda:
+        raise VlmtaxError("train.liger needs a CUDA GPU (Triton kernels)", "set train.liger=false on the CPU")
+    for flag, module, extra in ((recipe.quantization, "bitsandbytes", "gpu"), (recipe.train.liger, "liger_kernel",
+                                                                              "gpu")):
+        if flag:
+            try:
+                __import__(module)
+            except ImportError:
+                raise VlmtaxError(f"{module} is not installed", f"pip install 'vlmtax[{extra}]'") from None
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
+    """QLoRA: nf4 with double quantisation; the vision tower and the output layer stay in 16 bits."""
+    if recipe.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["visual", "lm_head"]
+    if recipe.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+
+
+def lora_target_regex(recipe: Recipe) -> str:
+    """LoRA targets as one regex over module names: the language model's linear layers, and the vision
+    blocks' only when the vision tower is unfrozen. PEFT's "all-linear" would silently hit the vision blocks."""
+    names = LANGUAGE_LINEAR if recipe.lora.target == "all-linear" else tuple(
+        [recipe.lora.target] if isinstance(recipe.lora.target, str) else recipe.lora.target)
+    parts = [rf".*language_model\..*\.(?:{'|'.join(map(re.escape, names))})"]
+    if not recipe.freeze.vision:
+        parts.append(rf".*visual\.blocks\.\d+\..*\.(?:{'|'.join(VISION_LINEAR)})")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def lora_config(recipe: Recipe) -> Any:
+    from peft import LoraConfig
+
+    modules_to_save = list(recipe.lora.modules_to_save)
+    if not recipe.freeze.projector and "merger" not in modules_to_save:
+        modules_to_save.append("merger")
+    return LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                      target_modules=lora_target_regex(recipe), modules_to_save=modules_to_save or None,
+                      task_type="CAUSAL_LM")
+
+
+def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = recipe.model
+    if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise VlmtaxError(f"model path {source} does not exist", "set model: to a local folder or a hub id")
+    # Full fine-tuning under fp16 keeps fp32 master weights (AMP); LoRA keeps only the adapters in fp32.
+    dtype = torch.float32 if precision == "fp32" or (precision == "fp16" and recipe.finetuning == "full") \
+        else DTYPES[precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
+    quant = quantization_config(recipe, DTYPES[precision])
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code,
+                                                  min_pixels=recipe.image.min_pixels,
+                                                  max_pixels=recipe.image.max_pixels)
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise VlmtaxError(f"cannot load model {source!r}: {first}",
+                          "use a local model folder (no hub access?) or check the hub id") from None
+    processor.image_processor.size = {"shortest_edge": recipe.image.min_pixels,
+                                      "longest_edge": recipe.image.max_pixels}
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return model, processor
+
+
+def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
+    """Freeze what the recipe freezes, wrap LoRA, keep trainable weights fp32 under fp16 autocast."""
+    if recipe.finetuning == "full":
+        for name, p in model.named_parameters():
+            is_vision = ".visual." in f".{name}" and ".merger." not in name
+            is_projector = ".merger." in name
+            p.requires_grad = not ((is_vision and recipe.freeze.vision) or (is_projector and recipe.freeze.projector))
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(recipe))
+    if precision == "fp16":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model
+
+
+def _output_dir_state(recipe: Recipe) -> str | bool | None:
+    """What to resume from; refuses to silently overwrite a finished or interrupted run."""
+    out = recipe.output_dir
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
+    if isinstance(recipe.resume, str):
+        if not Path(recipe.resume).is_dir():
+            raise VlmtaxError(f"resume checkpoint {recipe.resume} not found", "pass a checkpoint-N folder or true")
+        return recipe.resume
+    if recipe.resume:
+        return str(checkpoints[-1]) if checkpoints else None
+    if (out / META_FILE).exists():
+        raise VlmtaxError(f"output_dir {out} already holds a finished run", "choose another output_dir")
+    if checkpoints:
+        raise VlmtaxError(f"output_dir {out} holds checkpoints of an interrupted run",
+                          "set resume=true to continue it, or choose another output_dir")
+    return None
+
+
+def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int, hw: Hardware) -> None:
+    """Data-parallel run: `accelerate launch` this same command (gloo on the CPU, NCCL on GPUs)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--multi_gpu"] if hw.cuda else ["--cpu"]
+    cmd += ["-m", "vlmtax", "sft", str(recipe_path), *overrides]
+    proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
+    if proc.returncode != 0:
+        raise VlmtaxError(f"distributed training exited with code {proc.returncode}", "see the log above")
+
+
+def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
+    """Fine-tune as the recipe says; returns the run dir."""
+    recipe = load_recipe(recipe_path, overrides)
+    hw = Hardware.detect()
+    if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
+        _resume_from = _output_dir_state(recipe)  # fail fast, before spawning processes
+        _relaunch(Path(recipe_path), list(overrides or []), num_processes, hw)
+        return recipe.output_dir
+    return train(recipe, hw)
+
+
+def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
+    from vlmtax.train_loop import build_trainer
+
+    hw = hw or Hardware.detect()
+    data = recipe.data
+    for name in ("train.json", "taxonomy.json"):
+        if not (data / name).is_file():
+            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+    precision = resolve_precision(recipe, hw)
+    check_gpu_features(recipe, hw)
+    resume_from = _output_dir_state(recipe)
+    model, processor = load_model(recipe, precision)
+    model = prepare_model(model, recipe, precision)
+    trainer = build_trainer(recipe, model, processor, precision)
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_run(trainer, recipe, processor, precision)
+    return recipe.output_dir
+
+
+def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> None:
+    out = recipe.output_dir
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    processor.save_pretrained(str(out))
+    shutil.copyfile(recipe.data / "taxonomy.json", out / "taxonomy.json")
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    history = [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
+    data_files = [recipe.data / n for n in ("train.json", "val.json", "taxonomy.json") if (recipe.data / n).exists()]
+    write_json(out / META_FILE, run_meta(
+        stage="sft", base_model=recipe.model, finetuning=recipe.finetuning, precision=precision,
+        quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
+        global_step=trainer.state.global_step,
+        final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), math.nan),
+        history=history))

@@ -1,0 +1,106 @@
+"""The training loop: TRL's SFTTrainer driving vlmtax's collator, with LoRA+ and a non-finite-loss guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from vlmtax.collator import Collator, load_records, record_lengths
+from vlmtax.errors import VlmtaxError
+from vlmtax.recipe import Recipe
+from vlmtax.taxonomy import Taxonomy
+
+
+class GuardedTrainer(SFTTrainer):
+    """Stops at the first non-finite loss with the likely cause, instead of training on NaNs."""
+
+    precision: str = "fp32"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if model.training and not torch.isfinite(loss.detach()).all():
+            fix = ("fp16 overflows in Qwen2-VL: use precision=bf16 (Ampere or newer), precision=fp32, "
+                   "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
+            raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
+        return out
+
+
+def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
+    t = recipe.train
+    save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
+    return SFTConfig(
+        output_dir=str(recipe.output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        use_liger_kernel=t.liger,
+        seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=recipe.log.every,
+        report_to=["tensorboard"] if recipe.log.tensorboard else "none",
+        eval_strategy="epoch" if has_eval and t.eval else "no",
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # the collator never truncates; over-long records are errors
+        ddp_find_unused_parameters=False if recipe.finetuning == "full" else None,
+        **save,
+    )
+
+
+def loraplus_optimizer(model: Any, recipe: Recipe) -> torch.optim.Optimizer | None:
+    """LoRA+: the B matrices learn `plus_ratio` times faster than the A matrices (PEFT's implementation)."""
+    if recipe.finetuning != "lora" or not recipe.lora.plus_ratio:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=recipe.train.lr,
+                                     loraplus_lr_ratio=recipe.lora.plus_ratio,
+                                     weight_decay=recipe.train.weight_decay)
+
+
+def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) -> GuardedTrainer:
+    taxonomy = Taxonomy.load(recipe.data / "taxonomy.json")
+    train_records = load_records(recipe.data, "train.json")
+    val_path = recipe.data / "val.json"
+    val_records = load_records(recipe.data, "val.json") if val_path.exists() else []
+    records = train_records + val_records
+    if not train_records:
+        raise VlmtaxError(f"{recipe.data}/train.json holds no records", "prepare a catalogue with more rows")
+    lengths = record_lengths(processor, taxonomy, records, recipe.image.min_pixels, recipe.image.max_pixels)
+    too_long = [(r.get("id"), n) for r, n in zip(records, lengths) if n > recipe.train.max_length]
+    if too_long:
+        rid, n = too_long[0]
+        raise VlmtaxError(
+            f"{len(too_long)} record(s) exceed train.max_length={recipe.train.max_length} (first: id {rid}, {n} tokens)",
+            "raise train.max_length, lower image.max_pixels, or re-run prepare with --model and --max-length")
+    n_train = len(train_records)
+    train_ds = Dataset.from_dict({"index": list(range(n_train)), "length": lengths[:n_train]})
+    eval_ds = Dataset.from_dict({"index": list(range(n_train, len(records))), "length": lengths[n_train:]}) \
+        if val_records else None
+    args = training_args(recipe, precision, eval_ds is not None)
+    optimizer = loraplus_optimizer(model, recipe)
+    trainer = GuardedTrainer(
+        model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length),
+        train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
+        optimizers=(optimizer, None),
+    )
+    trainer.precision = precision
+    return trainer
