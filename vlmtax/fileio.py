@@ -72,7 +72,7 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
     """Read a CSV as strings (ids keep their form), checking that `required` columns are present."""
     path = Path(path)
     if not path.is_file():
-        raise VlmtaxError(f"{what} not found: {path}", "check the --csv path")
+        raise VlmtaxError(f"{what} not found: {path}", "check the path")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
