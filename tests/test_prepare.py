@@ -68,7 +68,8 @@ def test_mode_fills_missing_labels_with_category_mode(catalogue):
     assert recs["6"]["attributes"] == {"border": "zari", "blouse": "solid", "color": "pink"}
     assert all(r["masked"] == [] for r in recs.values())
     assert recs["1"]["messages"][0]["content"].startswith("<image>")
-    assert "Tees" in recs["1"]["messages"][0]["content"] and "color, neck, sleeve" in recs["1"]["messages"][0]["content"]
+    prompt = recs["1"]["messages"][0]["content"]
+    assert "Tees" in prompt and "color, neck, sleeve" in prompt
 
 
 def test_mask_keeps_value_in_text_and_lists_it(catalogue):
@@ -229,7 +230,8 @@ def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):
     other = tmp_path / "other.csv"
     other.write_text(catalogue["csv"].read_text().replace("zari", "woven"))
     with pytest.raises(VlmtaxError, match="different dataset"):
-        prepare(csv=other, images=catalogue["images"], attributes=catalogue["attributes"], out=catalogue["root"] / "out")
+        prepare(csv=other, images=catalogue["images"], attributes=catalogue["attributes"],
+                out=catalogue["root"] / "out")
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")

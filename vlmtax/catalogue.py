@@ -42,7 +42,8 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
     """Meesho's category_attributes.parquet, or the same as JSON/YAML records or a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise VlmtaxError(f"category-attribute file not found: {path}", "pass --attributes FILE (parquet, json or yaml)")
+        raise VlmtaxError(f"category-attribute file not found: {path}",
+                          "pass --attributes FILE (parquet, json or yaml)")
     suffix = path.suffix.lower()
     remaps: list[Remap] = []
     try:

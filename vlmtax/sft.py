@@ -204,6 +204,9 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
     resume_from = _output_dir_state(recipe)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)  # LoRA initialisation draws from the global RNG: same seed, same run
     model, processor = load_model(recipe, precision)
     model = prepare_model(model, recipe, precision)
     trainer = build_trainer(recipe, model, processor, precision)
@@ -223,8 +226,9 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
     history = [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
     data_files = [recipe.data / n for n in ("train.json", "val.json", "taxonomy.json") if (recipe.data / n).exists()]
     write_json(out / META_FILE, run_meta(
-        stage="sft", base_model=str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model, finetuning=recipe.finetuning, precision=precision,
+        stage="sft", base_model=str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
+        finetuning=recipe.finetuning, precision=precision,
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
-        global_step=trainer.state.global_step,
+        global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
         final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), math.nan),
         history=history))

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from vlmtax.collator import Collator, load_records, record_lengths
@@ -27,6 +28,15 @@ class GuardedTrainer(SFTTrainer):
                    "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
             raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
         return out
+
+
+class StartStep(TrainerCallback):
+    """Remembers the step training (re)started at, so a resumed run can prove where it picked up."""
+
+    step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
 
 
 def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
@@ -89,7 +99,8 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     if too_long:
         rid, n = too_long[0]
         raise VlmtaxError(
-            f"{len(too_long)} record(s) exceed train.max_length={recipe.train.max_length} (first: id {rid}, {n} tokens)",
+            f"{len(too_long)} record(s) exceed train.max_length={recipe.train.max_length} "
+            f"(first: id {rid}, {n} tokens)",
             "raise train.max_length, lower image.max_pixels, or re-run prepare with --model and --max-length")
     n_train = len(train_records)
     train_ds = Dataset.from_dict({"index": list(range(n_train)), "length": lengths[:n_train]})
@@ -103,4 +114,6 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
         optimizers=(optimizer, None),
     )
     trainer.precision = precision
+    trainer.start_step = StartStep()
+    trainer.add_callback(trainer.start_step)
     return trainer

@@ -1,0 +1,134 @@
+"""sft: what trains and what stays frozen, LoRA+, resume, shipped recipes on the CPU, two processes, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RECIPE, tiny_overrides
+from safetensors.torch import load_file
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.recipe import load_recipe
+from vlmtax.sft import Hardware, load_model, prepare_model, sft
+from vlmtax.train_loop import build_trainer, loraplus_optimizer
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(model: Path, data: Path, out: Path, *extra: str, path: Path = TINY_RECIPE):
+    return load_recipe(path, tiny_overrides(model, data, out, *extra))
+
+
+def test_trainable_parameters_change_and_frozen_ones_do_not(tiny_model_dir, prepared_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "train.max_steps=3", "train.eval=false",
+                     "freeze.vision=true", "freeze.projector=true")
+    model, processor = load_model(recipe, "fp32")
+    model = prepare_model(model, recipe, "fp32")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "lm_head" in n for n in trainable)
+    assert not any(".visual." in n for n in trainable)
+    build_trainer(recipe, model, processor, "fp32").train()
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert {n for n in trainable if "lora_B" in n} <= changed
+    assert changed <= trainable
+    assert not any(".visual." in n for n in changed)
+
+
+def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "lora.plus_ratio=16", "train.lr=0.001")
+    model, _ = load_model(recipe, "fp32")
+    model = prepare_model(model, recipe, "fp32")
+    optimizer = loraplus_optimizer(model, recipe)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if "lora_B" in names[id(p)]:
+                assert group["lr"] == pytest.approx(0.016)
+            elif "lora_A" in names[id(p)]:
+                assert group["lr"] == pytest.approx(0.001)
+    assert any("lora_B" in names[id(p)] for g in optimizer.param_groups for p in g["params"])
+    assert loraplus_optimizer(model, recipe.model_copy(update={"finetuning": "full"})) is None
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml"])
+def test_each_recipe_runs_two_steps_on_the_cpu(name, tiny_model_dir, prepared_dir, tmp_path):
+    """Recipes for GPUs run here with their GPU-only features (liger, 4-bit) switched off."""
+    extra = ["train.max_steps=2", "train.eval=false", "train.batch_size=2", "train.grad_accum=1",
+             "train.liger=false", "quantization=null", "image.max_pixels=12544"]
+    out = sft(RECIPES / name, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", *extra))
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    assert meta["global_step"] == 2 and meta["versions"]["transformers"]
+    for f in ("adapter_model.safetensors", "adapter_config.json", "taxonomy.json", "recipe.yaml",
+              "chat_template.jinja", "processor_config.json", "tokenizer.json"):
+        assert (out / f).is_file(), f
+
+
+def test_full_finetuning_saves_weights(tiny_model_dir, prepared_dir, tmp_path):
+    out = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "full", "finetuning=full",
+                                          "train.max_steps=2", "train.eval=false", "train.lr=0.0001"))
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
+def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, prepared_dir, tmp_path):
+    common = ["train.max_steps=4", "train.save_steps=2", "train.eval=false", "train.save_total_limit=3",
+              "lora.dropout=0.0", "log.every=1"]
+    straight = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "a", *common))
+    interrupted = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "b", *common))
+    # Simulate a crash after step 2: only checkpoint-2 survives.
+    for p in list(interrupted.iterdir()):
+        if p.name != "checkpoint-2":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with pytest.raises(VlmtaxError, match="resume=true"):
+        sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, interrupted, *common))
+    resumed = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, interrupted, *common, "resume=true"))
+    meta = json.loads((resumed / "vlmtax_meta.json").read_text())
+    assert meta["global_step"] == 4
+    assert meta["started_at_step"] == 2
+    assert [h["step"] for h in meta["history"] if "loss" in h] == [1, 2, 3, 4]  # history restored, then continued
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmtax", "sft", str(TINY_RECIPE), "--num-processes", "2",
+         *tiny_overrides(tiny_model_dir, prepared_dir, out, "train.max_steps=2", "train.eval=false")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    assert meta["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def _cli_sft(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmtax", "sft", str(TINY_RECIPE), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_line_errors(tiny_model_dir, prepared_dir, tmp_path):
+    cases = {
+        "data dir": tiny_overrides(tiny_model_dir, tmp_path / "nodata", tmp_path / "o1"),
+        "does not exist": tiny_overrides(tmp_path / "nomodel", prepared_dir, tmp_path / "o2"),
+        "unknown recipe key": tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "o3", "train.lrate=1"),
+    }
+    for needle, args in cases.items():
+        proc = _cli_sft(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cpu_hardware_detected():
+    assert Hardware.detect().cuda == torch.cuda.is_available()
