@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 
 from vlmtax.answer import answer_segments
 from vlmtax.chat import TokenCounter
-from vlmtax.collator import IGNORE, Collator, record_lengths
+from vlmtax.collator import IGNORE, Collator, load_image, record_lengths
 from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Taxonomy
 
@@ -58,12 +58,26 @@ def test_label_mask_token_by_token(setup):
     assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == image_pad).sum()
 
 
-def test_token_count_agrees_with_the_processor(setup, prepared_dir: Path):
+def test_batch_equals_the_processor_record_by_record(setup):
+    """The collator's fast path (one image-processor call, cached prompt ids) equals the processor's output."""
     processor, taxonomy, records = setup
-    lengths = record_lengths(processor, taxonomy, records[:8], 3136, 12845056)
-    collator = Collator(processor, taxonomy, records, max_length=4096)
-    for rec, n in zip(records[:8], lengths):
-        assert len(collator.encode(rec)["input_ids"]) == n == rec["n_tokens"]
+    from vlmtax.chat import prompt_text
+
+    recs = records[:6]
+    lengths = record_lengths(processor, taxonomy, recs, 3136, 12845056)
+    collator = Collator(processor, taxonomy, recs, max_length=4096)
+    batch = collator([{"index": i} for i in range(len(recs))])
+    pixels = []
+    for row, (rec, n) in enumerate(zip(recs, lengths)):
+        enc = processor(text=[prompt_text(processor, rec["messages"][0]["content"])],
+                        images=[load_image(rec["images"][0])], return_tensors="pt")
+        answer = collator.segments.answer(answer_segments(taxonomy.category(rec["category"]), rec["attributes"]))[0]
+        expected = enc["input_ids"][0].tolist() + answer
+        assert batch["input_ids"][row, :n].tolist() == expected
+        assert int(batch["attention_mask"][row].sum()) == n == rec["n_tokens"]
+        assert batch["mm_token_type_ids"][row, :n].tolist() == enc["mm_token_type_ids"][0].tolist() + [0] * len(answer)
+        pixels.append(enc["pixel_values"])
+    torch.testing.assert_close(batch["pixel_values"], torch.cat(pixels))
 
 
 def test_token_count_at_a_pixel_budget_matches_the_processor(setup, tmp_path: Path):
@@ -82,7 +96,8 @@ def test_token_count_at_a_pixel_budget_matches_the_processor(setup, tmp_path: Pa
     try:
         enc = processor(text=[prompt_text(processor, rec["messages"][0]["content"])],
                         images=[Image.open(image).convert("RGB")], return_tensors="pt")
-        answer = Collator(processor, taxonomy, [rec], 4096).segments.answer(answer_segments(cat, rec["attributes"]))[0]
+        answer = Collator(processor, taxonomy, [rec], 4096).segments.answer(answer_segments(cat, rec["attributes"]))
+        answer = answer[0]
     finally:
         processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}
     assert counted == enc["input_ids"].shape[1] + len(answer)

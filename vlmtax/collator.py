@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmtax.answer import answer_segments, parse_answer
-from vlmtax.chat import SegmentTokenizer, TokenCounter, prompt_text
+from vlmtax.chat import SegmentTokenizer, TokenCounter, image_pad_id, prompt_text
 from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Taxonomy
 
@@ -62,7 +62,12 @@ def load_image(path: str) -> Image.Image:
 
 
 class Collator:
-    """Callable for the Trainer's DataLoader: rows are {"index": i} into `records`."""
+    """Callable for the Trainer's DataLoader: rows are {"index": i} into `records`.
+
+    Images of a batch go through the image processor in one call and the templated prompt is tokenised
+    once per distinct prompt; its <|image_pad|> is then expanded to the image's token count. This gives
+    the same ids as calling the processor record by record (tested), at a fraction of the cost.
+    """
 
     def __init__(self, processor: Any, taxonomy: Taxonomy, records: list[dict[str, Any]], max_length: int):
         self.processor = processor
@@ -71,14 +76,26 @@ class Collator:
         self.max_length = max_length
         self.segments = SegmentTokenizer(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
+        self.image_pad = image_pad_id(processor)
+        self.merge = processor.image_processor.merge_size ** 2
+        self._prompts: dict[str, tuple[int, ...]] = {}
+        self.tokens = 0  # running totals, for the padding fraction the benchmark reports
+        self.padding = 0
 
-    def encode(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
+        if prompt not in self._prompts:
+            self._prompts[prompt] = self.segments.encode(prompt_text(self.processor, prompt))
+        ids: list[int] = []
+        counts = iter(image_tokens)
+        for t in self._prompts[prompt]:
+            ids.extend([t] * next(counts) if t == self.image_pad else (t,))
+        return ids
+
+    def encode(self, rec: dict[str, Any], image_tokens: list[int]) -> dict[str, list[int]]:
         prompt, _ = record_prompt_answer(rec)
         category = self.taxonomy.category(rec["category"])
         segments = answer_segments(category, record_values(rec, self.taxonomy))
-        images = [load_image(p) for p in rec["images"]]
-        enc = self.processor(text=[prompt_text(self.processor, prompt)], images=images or None, return_tensors="pt")
-        prompt_ids = enc["input_ids"][0].tolist()
+        prompt_ids = self.prompt_ids(prompt, image_tokens)
         answer_ids, owners = self.segments.answer(segments)
         masked = set(rec.get("masked") or [])
         ids = prompt_ids + answer_ids
@@ -88,35 +105,36 @@ class Collator:
                 "raise train.max_length, lower image.max_pixels, or re-run prepare with --model and --max-length",
             )
         labels = [IGNORE] * len(prompt_ids) + [IGNORE if o in masked else t for t, o in zip(answer_ids, owners)]
-        out = {"input_ids": ids, "labels": labels}
-        if "mm_token_type_ids" in enc:  # marks image tokens for Qwen2-VL's multimodal rope (transformers 5)
-            out["mm_token_type_ids"] = enc["mm_token_type_ids"][0].tolist() + [0] * len(answer_ids)
-        for key in ("pixel_values", "image_grid_thw"):
-            if key in enc:
-                out[key] = enc[key]
-        return out
+        return {"input_ids": ids, "labels": labels}
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        items = [self.encode(self.records[int(r["index"])]) for r in rows]
+        recs = [self.records[int(r["index"])] for r in rows]
+        images = [load_image(p) for rec in recs for p in rec["images"]]
+        vision = self.processor.image_processor(images=images, return_tensors="pt") if images else {}
+        per_image = (vision["image_grid_thw"].prod(-1) // self.merge).tolist() if images else []
+        items, start = [], 0
+        for rec in recs:
+            n = len(rec["images"])
+            items.append(self.encode(rec, per_image[start:start + n]))
+            start += n
         width = max(len(it["input_ids"]) for it in items)
         # Right padding: the loss ignores the tail, and Qwen2-VL's rope index reads the attention mask.
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
         attention = torch.zeros((len(items), width), dtype=torch.long)
-        token_types = torch.zeros((len(items), width), dtype=torch.long)
         for row, it in enumerate(items):
             n = len(it["input_ids"])
             input_ids[row, :n] = torch.tensor(it["input_ids"])
             labels[row, :n] = torch.tensor(it["labels"])
             attention[row, :n] = 1
-            if "mm_token_type_ids" in it:
-                token_types[row, :n] = torch.tensor(it["mm_token_type_ids"])
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        if any("mm_token_type_ids" in it for it in items):
-            batch["mm_token_type_ids"] = token_types
-        if any("pixel_values" in it for it in items):
-            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items if "pixel_values" in it])
-            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items if "image_grid_thw" in it])
+        self.tokens += input_ids.numel()
+        self.padding += int((attention == 0).sum())
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                 # marks image tokens for Qwen2-VL's multimodal rope (transformers 5)
+                 "mm_token_type_ids": (input_ids == self.image_pad).long()}
+        if images:
+            batch["pixel_values"] = vision["pixel_values"]
+            batch["image_grid_thw"] = vision["image_grid_thw"]
         return batch
 
 

@@ -9,25 +9,41 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from vlmtax.collator import Collator, load_records, record_lengths
+from vlmtax.collator import IGNORE, Collator, load_records, record_lengths
 from vlmtax.errors import VlmtaxError
 from vlmtax.recipe import Recipe
 from vlmtax.taxonomy import Taxonomy
 
 
 class GuardedTrainer(SFTTrainer):
-    """Stops at the first non-finite loss with the likely cause, instead of training on NaNs."""
+    """SFTTrainer whose loss projects only the answer positions onto the vocabulary, and that stops at
+    the first non-finite loss with its likely cause instead of training on NaNs."""
 
     precision: str = "fp32"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = out[0] if return_outputs else out
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets != IGNORE
+        # Prompt and image positions never carry loss, so their logits (most of a sequence) are never built.
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).float()
+        gold = targets[keep[:, :-1]]
+        n_items = num_items_in_batch if num_items_in_batch is not None else gold.numel()
+        loss = torch.nn.functional.cross_entropy(logits, gold, reduction="sum") / torch.as_tensor(n_items).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans every rank
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == gold).sum()).sum()
+            total = self.accelerator.gather_for_metrics(torch.tensor(gold.numel(), device=gold.device)).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / total.clamp(min=1)).item())
         if model.training and not torch.isfinite(loss.detach()).all():
             fix = ("fp16 overflows in Qwen2-VL: use precision=bf16 (Ampere or newer), precision=fp32, "
                    "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
             raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
-        return out
+        return (loss, outputs) if return_outputs else loss
 
 
 class StartStep(TrainerCallback):
@@ -68,6 +84,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,
+        prediction_loss_only=True,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the collator never truncates; over-long records are errors
         ddp_find_unused_parameters=False if recipe.finetuning == "full" else None,

@@ -1,0 +1,132 @@
+"""Benchmark `vlmtax sft`: training samples/s and the padding share of its batches.
+
+Setup of the issue's comparison: tiny Qwen2-VL (text width 64, 2 layers; vision depth 2, width 32),
+400 rows of 112 px images, batch 8, LoRA rank 16 on all linear layers of the language model.
+Baseline measured in the same run: TRL's stock SFTTrainer on the same model, data and LoRA setup
+(its own vision collator and loss), as a toolkit that glues TRL together would run it.
+
+    python bench/sft.py [--model DIR] [--rows 400] [--image-size 112] [--batch-size 8] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLMTAX_PROGRESS", "0")
+
+WORK = Path(__file__).resolve().parent / "_work" / "sft"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+
+
+def setup(args) -> tuple[Path, Path]:
+    from vlmtax.prepare import prepare
+    from vlmtax.synth import synth
+    from vlmtax.tiny_model import build_tiny_model
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else build_tiny_model(WORK / "tiny-model")
+    cat = WORK / f"synth-{args.rows}-{args.image_size}"
+    if not cat.exists():
+        synth(cat, rows=args.rows, test_rows=1, image_size=args.image_size)
+    data = WORK / f"data-{args.rows}-{args.image_size}"
+    if not data.exists():
+        prepare(csv=cat / "train.csv", images=cat / "train_images", attributes=cat / "category_attributes.parquet",
+                out=data, val_fraction=0.0)
+    return model, data
+
+
+def overrides(args, model: Path, data: Path, gc: bool) -> list[str]:
+    return [f"model={model}", f"data={data}", f"output_dir={WORK / 'run'}", f"train.max_steps={args.steps}",
+            f"train.batch_size={args.batch_size}", "train.grad_accum=1", "train.eval=false", "log.every=1000",
+            f"train.gradient_checkpointing={str(gc).lower()}", "lora.rank=16", "lora.modules_to_save=[]",
+            "lora.plus_ratio=16", "freeze.vision=true", "freeze.projector=true", "train.save_steps=100000",
+            f"image.max_pixels={args.image_size ** 2}"]
+
+
+def run_vlmtax(args, model: Path, data: Path, gc: bool) -> dict:
+    from vlmtax.recipe import load_recipe
+    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.train_loop import build_trainer
+
+    shutil.rmtree(WORK / "run", ignore_errors=True)
+    recipe = load_recipe(RECIPE, overrides(args, model, data, gc))
+    net, processor = load_model(recipe, "fp32")
+    trainer = build_trainer(recipe, prepare_model(net, recipe, "fp32"), processor, "fp32")
+    metrics = trainer.train().metrics
+    collator = trainer.data_collator
+    return {"samples_per_s": metrics["train_samples_per_second"], "padding": collator.padding / collator.tokens}
+
+
+def run_stock_trl(args, model: Path, data: Path, gc: bool) -> dict:
+    """TRL's own VLM path: messages + images through DataCollatorForVisionLanguageModeling."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    from vlmtax.recipe import load_recipe
+    from vlmtax.sft import lora_target_regex
+
+    shutil.rmtree(WORK / "run-trl", ignore_errors=True)
+    recipe = load_recipe(RECIPE, overrides(args, model, data, gc))
+    from PIL import Image
+
+    rows = []
+    for rec in json.loads((data / "train.json").read_text()):
+        user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        rows.append({"images": [Image.open(rec["images"][0]).convert("RGB")],
+                     "messages": [{"role": "user", "content": [{"type": "image"},
+                                                               {"type": "text", "text": user.replace("<image>", "")}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
+    processor = AutoProcessor.from_pretrained(model)
+    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": args.image_size ** 2}
+    trainer = SFTTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(model),
+        args=SFTConfig(output_dir=str(WORK / "run-trl"), max_steps=args.steps,
+                       per_device_train_batch_size=args.batch_size,
+                       gradient_checkpointing=gc, learning_rate=recipe.train.lr, report_to="none", logging_steps=1000,
+                       save_strategy="no", max_length=None, disable_tqdm=True, bf16=False),
+        train_dataset=Dataset.from_list(rows), processing_class=processor,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(recipe), task_type="CAUSAL_LM"),
+    )
+    return {"samples_per_s": trainer.train().metrics["train_samples_per_second"], "padding": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model dir (default: build the tiny model)")
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    model, data = setup(args)
+    results = {}
+    for gc in (False, True):
+        if not args.skip_baseline:
+            t0 = time.perf_counter()
+            results[f"stock TRL, checkpointing {'on' if gc else 'off'}"] = run_stock_trl(args, model, data, gc)
+            print(f"  (baseline took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        results[f"vlmtax,    checkpointing {'on' if gc else 'off'}"] = run_vlmtax(args, model, data, gc)
+    print(f"\nsft benchmark: {args.rows} rows, {args.image_size} px, batch {args.batch_size}, {args.steps} steps, "
+          f"model {model}")
+    for name, r in results.items():
+        pad = f"padding {r['padding']:.1%}" if r["padding"] is not None else ""
+        print(f"  {name}: {r['samples_per_s']:7.1f} samples/s  {pad}")
+    if not args.skip_baseline:
+        for gc in ("off", "on"):
+            ours = results[f"vlmtax,    checkpointing {gc}"]["samples_per_s"]
+            base = results[f"stock TRL, checkpointing {gc}"]["samples_per_s"]
+            print(f"  ratio vlmtax / stock TRL, checkpointing {gc}: {ours / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
