@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -94,18 +95,27 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
     return CategoryAttributes(attributes=attributes, remaps=remaps)
 
 
+@functools.lru_cache(maxsize=16)
+def _root(images: str) -> str:
+    return os.path.realpath(images)
+
+
 def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tuple[Path | None, str | None]:
-    """Resolve a row's image inside `images`; returns (path, None) or (None, reject reason)."""
+    """Resolve a row's image inside the folder `images`; returns (path, None) or (None, reject reason).
+
+    `..` segments are collapsed lexically (no file-system call per row), so a CSV cannot point outside
+    the folder; the folder itself is resolved once.
+    """
+    root = _root(str(images))
     if rel is None:
         try:
             rel = pattern.format(id=int(row_id) if row_id.strip().isdigit() else row_id)
         except (ValueError, TypeError, KeyError, IndexError):
             return None, "bad_id"
-    root = images.resolve()
-    candidate = (root / rel).resolve()
-    if candidate != root and root not in candidate.parents:
+    candidate = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([root, candidate]) != root or candidate == root:
         return None, "image_outside_folder"
-    return candidate, None
+    return Path(candidate), None
 
 
 def check_image(path: str) -> tuple[str | None, int, int]:
