@@ -1,0 +1,33 @@
+# Two entry points that work on a fresh machine (no GPU, no model hub):
+#   make demo   set up .venv, then run the whole pipeline on the synthetic catalogue and tiny model
+#   make test   set up .venv, then run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch + torchvision pinned: taken from the machine's local wheel store (no multi-GB download there)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/vlmtax demo --workdir demo_work
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/prepare.py
+	$(PY) bench/sft.py
+	$(PY) bench/predict.py
+
+clean:
+	rm -rf $(VENV) demo_work bench/_work
