@@ -1,20 +1,25 @@
-"""Shared fixtures: a tiny Qwen2-VL, a synthetic catalogue, its prepared dataset, a short trained run.
-
-All built at test time (no hub, no network), once per session.
-"""
+"""Shared, session-scoped artefacts built at test time: tiny model, synthetic catalogue, prepared data, a short run."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLMTAX_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY_RECIPE = RECIPES / "tiny_cpu.yaml"
+SAREES_REMAP = "Sarees:attr_1<->attr_4"
+
+
+def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """`key=value` overrides pointing a recipe at the tiny model, a prepared data dir and an output dir."""
+    return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]
 
 
 @pytest.fixture(scope="session")
@@ -26,30 +31,41 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
+    """80 training rows, 24 test rows (every synthetic category in both), 112 px images."""
     from vlmtax.synth import synth
 
-    return synth(tmp_path_factory.mktemp("synth") / "catalogue", rows=120, test_rows=30, seed=0, image_size=56)
+    return synth(tmp_path_factory.mktemp("synth") / "syn", rows=80, test_rows=24, seed=0, image_size=112)
 
 
 @pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, synth_dir: Path, tiny_model_dir: Path) -> Path:
+def prepared_dir(tmp_path_factory, synth_dir, tiny_model_dir) -> Path:
+    """`vlmtax prepare` output of the synthetic catalogue, with the Sarees colour remap (seed 000's)."""
     from vlmtax.prepare import prepare
 
-    out = tmp_path_factory.mktemp("prepared") / "data"
+    out = tmp_path_factory.mktemp("prep") / "data"
     prepare(csv=synth_dir / "train.csv", images=synth_dir / "train_images",
             attributes=synth_dir / "category_attributes.parquet", out=out, model=tiny_model_dir,
-            remaps=["Sarees:attr_1<->attr_4"], val_fraction=0.1, workers=1)
+            max_pixels=12544, remaps=[SAREES_REMAP], workers=1)
     return out
 
 
-def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """Overrides that point the tiny_cpu recipe at test folders."""
-    return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]
-
-
 @pytest.fixture(scope="session")
-def trained_run_dir(tmp_path_factory, tiny_model_dir: Path, prepared_dir: Path) -> Path:
+def trained_run_dir(tmp_path_factory, tiny_model_dir, prepared_dir) -> Path:
+    """A finished LoRA run (tiny_cpu recipe: lm_head and merger trained via modules_to_save), 8 steps."""
     from vlmtax.sft import sft
 
     out = tmp_path_factory.mktemp("run") / "run"
-    return sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, out, "train.max_steps=20", "train.eval=false"))
+    return sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, prepared_dir, out, "train.max_steps=8",
+                                                     "train.batch_size=4"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of many small forward passes: on a shared 2-core CPU, two threads
+    spin against each other and the neighbours' load, and tiny-model decoding gets 10-50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,138 @@
+"""Constrained decoding: always allowed values, scores equal to a teacher-forced pass, one forward per attribute."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from vlmtax.answer import answer_segments, render_prompt
+from vlmtax.chat import SegmentTokenizer, prompt_text
+from vlmtax.decoding import AnswerPlans, ConstrainedDecoder, free_decode, tree_mask
+from vlmtax.loading import load_for_inference
+from vlmtax.taxonomy import Taxonomy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def taxonomy(prepared_dir) -> Taxonomy:
+    return Taxonomy.load(prepared_dir / "taxonomy.json")
+
+
+@pytest.fixture(scope="module")
+def rows(synth_dir, taxonomy):
+    """Two test rows of every category, one image resized so that image token counts differ within a batch."""
+    test = pd.read_csv(synth_dir / "test.csv", dtype=str)
+    picked = test.groupby("Category").head(2)
+    assert set(picked["Category"]) == set(taxonomy.categories)
+    images = [Image.open(synth_dir / "test_images" / f"{int(i):06d}.jpg").convert("RGB") for i in picked["id"]]
+    images[1] = images[1].resize((84, 140))
+    return images, [taxonomy.category(c) for c in picked["Category"]]
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_model_dir):
+    return load_for_inference(tiny_model_dir)[:2]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run_dir):
+    return load_for_inference(trained_run_dir)[:2]
+
+
+def _assert_allowed(results, categories):
+    for res, cat in zip(results, categories):
+        assert list(res.values) == cat.attribute_names()
+        for attr in cat.attributes:
+            assert res.values[attr.name] in attr.values
+            assert len(res.logliks[attr.name]) == len(attr.values)
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_constrained_values_are_always_allowed_for_every_category(which, rows, request):
+    model, processor = request.getfixturevalue(which)
+    images, categories = rows
+    decoder = ConstrainedDecoder(model, processor)
+    results = decoder.decode(images, categories)
+    _assert_allowed(results, categories)
+    # One forward per attribute of the longest category: the prompt rides along with the first one.
+    assert decoder.forward_calls == max(len(c.attributes) for c in categories)
+    for size in (1, 3):  # other batch compositions give the same answers
+        again = [r for i in range(0, len(images), size)
+                 for r in decoder.decode(images[i: i + size], categories[i: i + size])]
+        assert [r.values for r in again] == [r.values for r in results]
+
+
+def _teacher_forced(model, processor, image, category, values):
+    """Per attribute: log-likelihood of the value's tokens plus the token closing it, from one plain forward."""
+    enc = processor(text=[prompt_text(processor, render_prompt(category))], images=[image], return_tensors="pt")
+    answer, owners = SegmentTokenizer(processor.tokenizer).answer(answer_segments(category, values))
+    ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1)
+    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(answer), dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    start, out = enc["input_ids"].shape[1], {}
+    for attr in category.attributes:
+        idx = [start + j for j, o in enumerate(owners) if o == attr.name]
+        scored = idx + [idx[-1] + 1]  # the value's tokens, then the first token after it
+        out[attr.name] = sum(float(logp[i - 1, ids[0, i]]) for i in scored)
+    return out
+
+
+def test_scores_equal_a_teacher_forced_forward_pass(trained, rows):
+    model, processor = trained
+    images, categories = rows
+    results = ConstrainedDecoder(model, processor).decode(images, categories)
+    for image, cat, res in zip(images, categories, results):
+        forced = _teacher_forced(model, processor, image, cat, res.values)
+        for attr in cat.attributes:
+            chosen = res.logliks[attr.name][attr.values.index(res.values[attr.name])]
+            assert chosen == pytest.approx(forced[attr.name], abs=1e-4)
+            assert chosen == max(res.logliks[attr.name])
+    # Every alternative value of the first and the last attribute of one row, in its own context.
+    image, cat, res = images[1], categories[1], results[1]
+    for attr in (cat.attributes[0], cat.attributes[-1]):
+        for k, value in enumerate(attr.values[:6]):
+            forced = _teacher_forced(model, processor, image, cat, {**res.values, attr.name: value})
+            assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
+
+
+def test_plan_tokens_are_the_training_tokens(untrained, taxonomy):
+    _, processor = untrained
+    plans, seg = AnswerPlans(processor.tokenizer), SegmentTokenizer(processor.tokenizer)
+    for cat in taxonomy.categories.values():
+        plan = plans(cat)
+        values = {a.name: a.values[-1] for a in cat.attributes}
+        ids = list(plan.key0)
+        for slot in plan.slots:
+            ids += list(slot.value_ids[slot.values.index(values[slot.attribute])]) + list(slot.next_ids)
+        assert ids == seg.answer(answer_segments(cat, values))[0]
+        assert plan.max_tokens >= len(ids)
+
+
+def test_tree_mask_isolates_candidates():
+    # Cache of 2 (second unusable), forced token, value 0 (2 tokens), value 1 (1 token), padding.
+    group = torch.tensor([[0, 1, 1, 2, -1]])
+    allowed = tree_mask(torch.tensor([[True, False]]), group, torch.float32)[0, 0] == 0
+    expect = torch.tensor([
+        [1, 0, 1, 0, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0],
+        [1, 0, 1, 0, 0, 1, 0],
+        [1, 0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expect)
+
+
+def test_free_decoding_snaps_to_allowed_values(untrained, rows):
+    model, processor = untrained
+    images, categories = rows
+    results = free_decode(model, processor, images[:3], categories[:3], AnswerPlans(processor.tokenizer))
+    for res, cat in zip(results, categories):
+        assert all(res.values[a.name] in a.values for a in cat.attributes)
+        assert 0 <= res.snapped <= len(cat.attributes)
+    assert sum(r.snapped for r in results) > 0  # a random model does not write the format

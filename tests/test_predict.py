@@ -1,0 +1,168 @@
+"""predict: submission layout, remaps inverted, rejects, probabilities, resume after interruption, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.predict import predict
+from vlmtax.taxonomy import SLOT_COLUMNS, Taxonomy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def case(synth_dir, tmp_path_factory):
+    """The synthetic test CSV plus an unknown category, a missing image and an unreadable image."""
+    root = tmp_path_factory.mktemp("predict_case")
+    images = root / "images"
+    shutil.copytree(synth_dir / "test_images", images)
+    test = pd.read_csv(synth_dir / "test.csv", dtype=str)
+    first = test.iloc[0]
+    extra = pd.DataFrame([{"id": "900001", "Category": "Socks"},  # unknown category
+                          {"id": "900002", "Category": first["Category"]},  # no image
+                          {"id": "900003", "Category": first["Category"]}])  # not an image
+    (images / "900003.jpg").write_bytes(b"not a jpeg")
+    frame = pd.concat([test.iloc[:5], extra, test.iloc[5:]], ignore_index=True)
+    frame.to_csv(root / "test.csv", index=False)
+    return root / "test.csv", images
+
+
+def _run(model, case, out, **kw):
+    csv, images = case
+    return predict(model=model, csv=csv, images=images, out=out, **kw)
+
+
+def test_submission_is_complete_allowed_and_in_input_order(trained_run_dir, case, tmp_path):
+    out, probs = tmp_path / "sub.csv", tmp_path / "probs.jsonl"
+    report = _run(trained_run_dir, case, out, batch_size=4, probs=probs)
+    taxonomy = Taxonomy.load(trained_run_dir / "taxonomy.json")
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    given = pd.read_csv(case[0], dtype=str)
+    assert list(sub.columns) == ["id", "Category", "len", *SLOT_COLUMNS]
+    assert sub["id"].tolist() == given["id"].tolist()
+    assert (sub != "").all().all()
+    for _, row in sub.iterrows():
+        cat = taxonomy.categories.get(row["Category"])
+        if cat is None:
+            assert row["len"] == "0" and all(row[c] == taxonomy.filler for c in SLOT_COLUMNS)
+            continue
+        assert int(row["len"]) == cat.len
+        used = {a.column for a in cat.attributes}
+        for attr in cat.attributes:
+            assert row[attr.column] in attr.values
+        assert all(row[c] == taxonomy.filler for c in SLOT_COLUMNS if c not in used)
+    # The Sarees remap is inverted: colour goes back to attr_4.
+    sarees = taxonomy.categories["Sarees"]
+    assert next(a for a in sarees.attributes if a.name == "color").column == "attr_4"
+    saree_rows = sub[sub["Category"] == "Sarees"]
+    assert len(saree_rows) and saree_rows["attr_4"].isin(sarees.attributes[0].values).all()
+
+    rejects = pd.read_csv(report["rejects"], dtype=str).set_index("id")
+    assert rejects["reason"].to_dict() == {"900001": "unknown_category", "900002": "missing_image",
+                                           "900003": "unreadable_image"}
+    cat = taxonomy.categories[given.iloc[0]["Category"]]
+    for rid in ("900002", "900003"):
+        row = sub[sub["id"] == rid].iloc[0]
+        assert all(row[a.column] == a.mode for a in cat.attributes)
+    assert report["predicted"] == len(given) - 3 and report["rejected"] == 3
+
+    lines = [json.loads(x) for x in probs.read_text().splitlines()]
+    assert [x["id"] for x in lines] == given["id"].tolist()
+    for line, (_, row) in zip(lines, sub.iterrows()):
+        if line.get("reject"):
+            assert line["attributes"] == {}
+            continue
+        for entry in line["attributes"].values():
+            assert sum(entry["probs"].values()) == pytest.approx(1.0, abs=1e-9)
+            assert entry["value"] == max(entry["probs"], key=entry["probs"].get) == row[entry["column"]]
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(trained_run_dir, case, tmp_path):
+    straight = tmp_path / "straight.csv"
+    _run(trained_run_dir, case, straight, batch_size=3, probs=tmp_path / "straight.jsonl")
+
+    out, probs = tmp_path / "resumed.csv", tmp_path / "resumed.jsonl"
+
+    def stop_after_three(n):
+        if n == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(trained_run_dir, case, out, batch_size=3, probs=probs, on_batch=stop_after_three)
+    partial = out.with_name(out.name + ".partial")
+    assert partial.is_file() and not out.exists()
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + 9  # fingerprint + three batches of three rows
+    # Killed mid-write: the last row is torn.
+    partial.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+
+    seen = []
+    _run(trained_run_dir, case, out, batch_size=3, probs=probs, on_batch=seen.append)
+    assert seen and 0 not in seen and 1 not in seen  # finished batches are not decoded again
+    assert out.read_bytes() == straight.read_bytes()
+    assert probs.read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    assert not partial.exists()
+
+    # A partial file from other arguments is not silently mixed in.
+    with pytest.raises(Stop):
+        _run(trained_run_dir, case, out, batch_size=3, on_batch=stop_after_three)
+    with pytest.raises(VlmtaxError, match="other arguments"):
+        _run(trained_run_dir, case, out, batch_size=4)
+
+
+def test_base_model_with_taxonomy_and_free_mode(tiny_model_dir, trained_run_dir, case, tmp_path):
+    with pytest.raises(VlmtaxError, match="--taxonomy"):
+        _run(tiny_model_dir, case, tmp_path / "x.csv")
+    out = tmp_path / "free.csv"
+    report = _run(tiny_model_dir, case, out, taxonomy=trained_run_dir / "taxonomy.json", mode="free", batch_size=8)
+    assert report["snapped"] > 0 and report["slots"] >= report["snapped"]
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    taxonomy = Taxonomy.load(trained_run_dir / "taxonomy.json")
+    for _, row in sub.iterrows():
+        cat = taxonomy.categories.get(row["Category"])
+        assert cat is None or all(row[a.column] in a.values for a in cat.attributes)
+
+
+def test_bad_inputs_are_one_line_errors(trained_run_dir, case, tmp_path):
+    csv, images = case
+    with pytest.raises(VlmtaxError, match="model folder not found"):
+        predict(model=tmp_path / "nope", csv=csv, images=images, out=tmp_path / "o.csv")
+    no_cat = tmp_path / "nocat.csv"
+    pd.DataFrame({"id": ["1"]}).to_csv(no_cat, index=False)
+    with pytest.raises(VlmtaxError, match="Category"):
+        predict(model=trained_run_dir, csv=no_cat, images=images, out=tmp_path / "o.csv")
+    with pytest.raises(VlmtaxError, match="image folder"):
+        predict(model=trained_run_dir, csv=csv, images=tmp_path / "none", out=tmp_path / "o.csv")
+    with pytest.raises(VlmtaxError, match="--probs needs"):
+        predict(model=trained_run_dir, csv=csv, images=images, out=tmp_path / "o.csv", probs=tmp_path / "p.jsonl",
+                mode="free")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmtax", "predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_smoke(trained_run_dir, case, tmp_path):
+    csv, images = case
+    out = tmp_path / "cli.csv"
+    proc = _cli("--model", trained_run_dir, "--csv", csv, "--images", images, "--out", out, "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote" in proc.stdout and len(pd.read_csv(out)) == len(pd.read_csv(csv))
+    proc = _cli("--model", tmp_path / "missing", "--csv", csv, "--images", images, "--out", out)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "model folder not found" in errors[0]

@@ -1,0 +1,249 @@
+"""The decoding stage: a batch of (image, category) -> attribute values, constrained to the taxonomy or free.
+
+Constrained decoding spends exactly one forward pass per attribute (forward calls per batch = the most
+attributes of a category in it), never one on a token that the format or the vocabulary already fixes:
+
+1. Attribute i: ONE forward over, per row, [forced text not yet cached] + [every allowed value of
+   attribute i, side by side]. Forced text is the previous attribute's chosen value and this
+   attribute's key (`\\nneck:`); for the first attribute it is the templated prompt with its image
+   (left padded) and the first key, so the prefill costs no forward of its own. A custom 4D mask lets
+   each value see the cache, the forced text and its own earlier tokens only; explicit M-RoPE positions
+   start every value right after the forced text. So each value is scored exactly as if it were the sole
+   continuation (a tree sharing one prefix), which the tests check against a teacher-forced forward pass.
+2. A value's score is the log-likelihood of its tokens plus that of the token that closes it (the next
+   key's first token, or <|im_end|>): a value that is a prefix of another ("blue", "blue green") then
+   competes fairly. Probabilities are the softmax of the scores over the allowed values.
+3. The values' cache entries are cropped away; the chosen value is fed as forced text in the next step.
+
+Cost: a step processes rows x (forced + all value tokens) tokens; memory is one KV cache row per input
+row (values never get cache copies of the prompt), plus (rows, values' tokens, vocabulary) logits.
+
+Every piece is tokenised segment by segment with `chat.SegmentTokenizer`, exactly as in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmtax.answer import VALUE_PREFIX, key_text, parse_answer, render_prompt, snap
+from vlmtax.chat import SegmentTokenizer, prompt_text
+from vlmtax.taxonomy import Category
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One attribute of a category, its allowed values laid side by side as one token block."""
+
+    attribute: str
+    values: list[str]
+    value_ids: list[tuple[int, ...]]
+    next_ids: tuple[int, ...]  # forced text after the value: the next key, or the end of turn
+    first: list[int]  # first token of each value, scored from the forced text's last position
+    tokens: list[int]  # every value's tokens, concatenated (S of them)
+    owner: list[int]  # index of the value each token belongs to
+    offset: list[int]  # position of the token inside its value
+    target: list[int]  # token scored at each position: the value's next token, or the closing one
+
+
+@dataclass(frozen=True)
+class Plan:
+    key0: tuple[int, ...]
+    slots: list[Slot]
+    max_tokens: int  # longest possible answer, end of turn included (free generation's budget)
+
+
+@dataclass
+class RowResult:
+    values: dict[str, str]  # attribute name -> allowed value
+    logliks: dict[str, list[float]] = field(default_factory=dict)  # attribute -> score of each allowed value
+    snapped: int = 0  # free mode: slots whose generated text was not an allowed value
+
+
+class AnswerPlans:
+    """Token plans per category, built once (keys and values repeat across every row)."""
+
+    def __init__(self, tokenizer: Any):
+        self.segments = SegmentTokenizer(tokenizer)
+        self._plans: dict[str, Plan] = {}
+
+    def __call__(self, category: Category) -> Plan:
+        if category.name not in self._plans:
+            self._plans[category.name] = self._build(category)
+        return self._plans[category.name]
+
+    def _build(self, category: Category) -> Plan:
+        enc = self.segments.encode
+        keys = [enc(key_text(i, a.name)) for i, a in enumerate(category.attributes)]
+        slots = []
+        for i, attr in enumerate(category.attributes):
+            next_ids = keys[i + 1] if i + 1 < len(keys) else self.segments.end_ids
+            value_ids = [enc(VALUE_PREFIX + v) for v in attr.values]
+            tokens, owner, offset, target = [], [], [], []
+            for k, ids in enumerate(value_ids):
+                for j, tok in enumerate(ids):
+                    tokens.append(tok)
+                    owner.append(k)
+                    offset.append(j)
+                    target.append(ids[j + 1] if j + 1 < len(ids) else next_ids[0])
+            slots.append(Slot(attr.name, list(attr.values), value_ids, next_ids, [ids[0] for ids in value_ids],
+                              tokens, owner, offset, target))
+        longest = sum(len(k) for k in keys) + sum(max(map(len, s.value_ids)) for s in slots)
+        return Plan(key0=keys[0], slots=slots, max_tokens=longest + len(self.segments.end_ids))
+
+
+def encode_prompts(processor: Any, images: list[Any], categories: list[Category], device: torch.device) -> dict:
+    """Templated prompts + images, left padded (the processor's tokenizer is set to pad on the left)."""
+    texts = [prompt_text(processor, render_prompt(c)) for c in categories]
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def tree_mask(keymask: torch.Tensor, group: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (A, 1, W, L+W) mask. `keymask` (A, L): usable cache entries. `group` (A, W): 0 forced text,
+    k+1 value k, -1 padding. A query sees usable cache entries, earlier forced text, and earlier tokens of
+    its own value; padding sees itself only (so no row of the softmax is empty)."""
+    width = group.shape[1]
+    idx = torch.arange(width, device=group.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    key_group = group[:, None, :]
+    same = (key_group == 0) | (key_group == group[:, :, None])
+    new = causal & same & (key_group >= 0) & (group[:, :, None] >= 0)
+    new |= torch.eye(width, dtype=torch.bool, device=group.device)[None]
+    allowed = torch.cat([keymask[:, None, :].expand(-1, width, -1), new], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=group.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class ConstrainedDecoder:
+    """Scores every allowed value of every attribute; emits the best one. Works for any model, trained or not."""
+
+    def __init__(self, model: Any, processor: Any):
+        self.model, self.processor = model, processor
+        self.head = model.get_output_embeddings()
+        self.plans = AnswerPlans(processor.tokenizer)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.mrope = hasattr(model.model, "get_rope_index")
+        self.forward_calls = 0
+
+    def _positions(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
+
+    def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Left-padded prompt inputs with their (M-RoPE) positions, and each row's next text position."""
+        enc = encode_prompts(self.processor, images, categories, self.model.device)
+        mask2d = enc["attention_mask"]
+        if self.mrope and "image_grid_thw" in enc:
+            pos, deltas = self.model.model.get_rope_index(
+                enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
+                attention_mask=mask2d)
+            next_pos = mask2d.sum(-1) + deltas.view(-1)
+        else:
+            pos = self._positions((mask2d.cumsum(-1) - 1).clamp(min=0))
+            next_pos = mask2d.sum(-1)
+        enc["position_ids"] = pos
+        return enc, next_pos
+
+    @torch.no_grad()
+    def decode(self, images: list[Any], categories: list[Category]) -> list[RowResult]:
+        prompt, next_pos = self._prompt(images, categories)
+        plans = [self.plans(c) for c in categories]
+        results = [RowResult(values={}) for _ in categories]
+        active = list(range(len(categories)))
+        forced = [p.key0 for p in plans]
+        cache, keymask, step = None, None, 0
+        while active:
+            slots = [plans[r].slots[step] for r in active]
+            scores, cache, keymask, next_pos = self._step(cache, keymask, next_pos, forced, slots,
+                                                          prompt if step == 0 else None)
+            choice = scores.argmax(dim=1).tolist()
+            keep, forced = [], []
+            for a, r in enumerate(active):
+                slot, k = slots[a], choice[a]
+                results[r].values[slot.attribute] = slot.values[k]
+                results[r].logliks[slot.attribute] = scores[a, : len(slot.values)].tolist()
+                if step + 1 < len(plans[r].slots):
+                    keep.append(a)
+                    forced.append(slot.value_ids[k] + slot.next_ids)
+            if keep and len(keep) < len(active):
+                index = torch.tensor(keep, device=keymask.device)
+                cache.batch_select_indices(index)
+                keymask, next_pos = keymask[index], next_pos[index]
+            active = [active[a] for a in keep]
+            step += 1
+        return results
+
+    def _step(self, cache: Any, keymask: torch.Tensor | None, next_pos: torch.Tensor, forced: list[tuple[int, ...]],
+              slots: list[Slot], prompt: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any, torch.Tensor,
+                                                                                 torch.Tensor]:
+        """One forward: [prompt, first step only] + forced text (right-aligned) + all values of the slot.
+
+        Returns (rows, max values) scores (-inf past a row's values), the cache, its usable-entry mask, positions.
+        """
+        c_max, s_max = max(map(len, forced)), max(len(s.tokens) for s in slots)
+        k_max = max(len(s.values) for s in slots)
+        ids, group, pos, first, target, owner, valid = [], [], [], [], [], [], []
+        for f, s, p in zip(forced, slots, next_pos.tolist()):
+            lead, tail, n_values = c_max - len(f), s_max - len(s.tokens), len(s.values)
+            ids.append([self.pad_id] * lead + list(f) + s.tokens + [self.pad_id] * tail)
+            group.append([-1] * lead + [0] * len(f) + [k + 1 for k in s.owner] + [-1] * tail)
+            start = p + len(f)
+            pos.append([0] * lead + list(range(p, start)) + [start + o for o in s.offset] + [0] * tail)
+            first.append(s.first + [0] * (k_max - n_values))
+            target.append(s.target + [0] * tail)
+            owner.append(s.owner + [k_max] * tail)  # padding sums into a spare column
+            valid.append([k < n_values for k in range(k_max)])
+        device = next_pos.device
+        as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        ids, group, pos = as_t(ids), as_t(group), self._positions(as_t(pos))
+        kwargs: dict[str, Any] = {"past_key_values": cache}
+        if prompt is not None:  # the prompt joins the first step: it is forced text with the prompt's positions
+            width = prompt["input_ids"].shape[1]
+            ids = torch.cat([prompt["input_ids"], ids], dim=1)
+            group = torch.cat([torch.where(prompt["attention_mask"].bool(), 0, -1), group], dim=1)
+            pos = torch.cat([prompt["position_ids"], pos], dim=-1)
+            kwargs.update({k: prompt[k] for k in ("pixel_values", "image_grid_thw") if k in prompt})
+            keymask = torch.zeros((len(slots), 0), dtype=torch.bool, device=device)
+            c_max += width
+        mask = tree_mask(keymask, group, self.model.dtype)
+        self.forward_calls += 1
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        # The last forced token predicts each value's first token; value tokens predict the rest and the closer.
+        logp = torch.log_softmax(self.head(out.last_hidden_state[:, c_max - 1:]).float(), dim=-1)
+        first_lp = logp[:, 0].gather(1, as_t(first))
+        token_lp = logp[:, 1:].gather(2, as_t(target)[..., None]).squeeze(-1)
+        sums = torch.zeros((len(slots), k_max + 1), device=device).scatter_add_(1, as_t(owner), token_lp)
+        scores = (first_lp + sums[:, :k_max]).masked_fill(~as_t(valid).bool(), float("-inf")).cpu()
+        cache = out.past_key_values
+        cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text
+        keymask = torch.cat([keymask, group[:, :c_max] == 0], dim=1)
+        return scores, cache, keymask, next_pos + torch.tensor(list(map(len, forced)), device=device)
+
+
+def generate_answers(model: Any, processor: Any, images: list[Any], categories: list[Category],
+                     plans: AnswerPlans) -> list[str]:
+    """Plain greedy `generate` of the answer text, with a budget of the longest possible answer."""
+    tok = processor.tokenizer
+    enc = encode_prompts(processor, images, categories, model.device)
+    budget = max(plans(c).max_tokens for c in categories)
+    stop = sorted({*plans.segments.end_ids, tok.eos_token_id} - {None})
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=budget, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def free_decode(model: Any, processor: Any, images: list[Any], categories: list[Category],
+                plans: AnswerPlans) -> list[RowResult]:
+    """Unconstrained generation parsed back; each slot snapped to its closest allowed value (and counted)."""
+    results = []
+    for text, category in zip(generate_answers(model, processor, images, categories, plans), categories):
+        parsed = parse_answer(text, category)
+        values, snapped = {}, 0
+        for attr in category.attributes:
+            values[attr.name], changed = snap(parsed[attr.name], attr.values)
+            snapped += changed
+        results.append(RowResult(values=values, snapped=snapped))
+    return results

@@ -1,0 +1,207 @@
+"""Model loading for merge and predict: what a model folder holds, and how it comes back as a plain model.
+
+A folder is one of: a LoRA run dir (or one of its checkpoint-N folders: adapter + the base named in
+vlmtax_meta.json), a merged dir, a full fine-tuning run dir, or a base model (plain weights). Prediction
+always runs on a plain model: an adapter is folded into a fresh 16/32-bit load of its base in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.meta import META_FILE
+from vlmtax.taxonomy import Taxonomy
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TAXONOMY_FILE = "taxonomy.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class ModelDir:
+    """What a model folder holds. `meta` is its own vlmtax_meta.json, or its run's for a checkpoint-N folder."""
+
+    path: Path
+    kind: str  # "adapter" | "weights"
+    meta: dict[str, Any]
+    base: str | None  # the base model an adapter applies to
+
+    @property
+    def finetuning(self) -> str | None:
+        return self.meta.get("finetuning")
+
+
+def run_roots(path: Path) -> list[Path]:
+    """A checkpoint-N folder shares its run's metadata and taxonomy."""
+    return [path, path.parent] if re.fullmatch(r"checkpoint-\d+", path.name) else [path]
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    for candidate in (folder / META_FILE for folder in run_roots(path)):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise VlmtaxError(f"{candidate} is not valid JSON", "restore it from the run") from None
+    return {}
+
+
+def _resolve_base(name: str, near: Path) -> str:
+    """The base as recorded; a relative path is tried from the working folder, then from the run's folders."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    for folder in (near, near.parent, near.parent.parent):
+        if (folder / name).exists():
+            return str((folder / name).resolve())
+    return name
+
+
+def inspect_model_dir(path: str | Path) -> ModelDir:
+    path = Path(path)
+    if not path.is_dir():
+        if _HUB_ID.fullmatch(str(path)) and not path.exists():
+            return ModelDir(path=path, kind="weights", meta={}, base=None)
+        raise VlmtaxError(f"model folder not found: {path}", "pass a run dir, a merged dir or a model folder")
+    meta = _read_meta(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise VlmtaxError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}", "restore the adapter weights")
+        try:
+            recorded = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        except json.JSONDecodeError:
+            raise VlmtaxError(f"{path / ADAPTER_CONFIG} is not valid JSON", "restore it from the run") from None
+        base = meta.get("base_model") or recorded
+        if not base:
+            raise VlmtaxError(f"adapter in {path} does not name its base model",
+                              f"add base_model to {META_FILE} (the folder or hub id it was trained on)")
+        return ModelDir(path=path, kind="adapter", meta=meta, base=_resolve_base(str(base), path))
+    if (path / "config.json").is_file():
+        return ModelDir(path=path, kind="weights", meta=meta, base=None)
+    raise VlmtaxError(f"{path} holds neither an adapter ({ADAPTER_CONFIG}) nor model weights (config.json)",
+                      "pass a finished `vlmtax sft` run dir, a `vlmtax merge` output or a model folder")
+
+
+def resolve_dtype(name: str, model_dir: ModelDir | None, device: torch.device) -> torch.dtype:
+    """auto: fp32 on the CPU; on a GPU the run's training precision (bf16/fp16), else bf16 where supported."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise VlmtaxError(f"unknown dtype {name!r}", f"use auto or one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    precision = (model_dir.meta.get("precision") if model_dir else None) or "bf16"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        precision = "fp16"
+    return DTYPES.get(precision, torch.float32)
+
+
+def default_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model") -> Any:
+    """Plain `from_pretrained` in one dtype (never quantised: merges and predictions run on 16/32-bit weights)."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
+        return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VlmtaxError(f"cannot load {what} {source}: {first}",
+                          "check the folder (no hub access here?) and that it holds a Qwen2-VL model") from None
+
+
+def attach_adapter(base: Any, model_dir: ModelDir) -> Any:
+    """Base + adapter as a PeftModel; an adapter trained on another base is refused, not half-applied."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        model = PeftModel.from_pretrained(base, str(model_dir.path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise VlmtaxError(f"adapter in {model_dir.path} does not match base model {model_dir.base}: {first}",
+                          f"point base_model in {META_FILE} at the model the run was trained on") from None
+    saved = set(load_file(str(model_dir.path / ADAPTER_WEIGHTS)).keys())
+    expected = set(get_peft_model_state_dict(model).keys())
+    if saved != expected:
+        odd = sorted(saved ^ expected)
+        raise VlmtaxError(
+            f"adapter in {model_dir.path} does not match base model {model_dir.base}: "
+            f"{len(odd)} adapter weight(s) without a place, e.g. {odd[0]}",
+            f"point base_model in {META_FILE} at the model the run was trained on")
+    return model.eval()
+
+
+def fold_adapter(peft_model: Any) -> Any:
+    """merge_and_unload, keeping a trained output layer: an lm_head that no longer equals the (tied) embeddings
+    must be saved as its own weight, or `save_pretrained` would drop it and reload the embeddings instead."""
+    model = peft_model.merge_and_unload()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        for config in (model.config, getattr(model.config, "text_config", None)):
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+    return model.eval()
+
+
+def load_processor(path: str | Path, fallback: str | None = None, padding_side: str | None = "left") -> Any:
+    """The processor saved with the model (the run's image budget included); left padding for batched decoding
+    (None keeps the saved side, for a processor that is only copied on)."""
+    from transformers import AutoProcessor
+
+    last: Exception | None = None
+    for source in (str(path), fallback):
+        if source is None:
+            continue
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+            break
+        except (OSError, ValueError) as exc:
+            last = exc
+    else:
+        first = str(last).strip().splitlines()[0] if last and str(last).strip() else "no processor files"
+        raise VlmtaxError(f"cannot load a processor from {path}: {first}", "the folder needs its processor files")
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if padding_side:
+        tok.padding_side = padding_side
+    return processor
+
+
+def load_for_inference(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any, ModelDir]:
+    """(plain model in eval mode on `device`, processor, what the folder was)."""
+    model_dir = inspect_model_dir(path)
+    dev = default_device(device)
+    torch_dtype = resolve_dtype(dtype, model_dir, dev)
+    if model_dir.kind == "adapter":
+        base = load_weights(model_dir.base, torch_dtype, "base model")
+        model = fold_adapter(attach_adapter(base, model_dir))
+        processor = load_processor(model_dir.path, fallback=model_dir.base)
+    else:
+        model = load_weights(model_dir.path, torch_dtype).eval()
+        processor = load_processor(model_dir.path)
+    return model.to(dev), processor, model_dir
+
+
+def load_taxonomy(model_path: str | Path, override: str | Path | None) -> Taxonomy:
+    """--taxonomy if given, else the model folder's own (run dirs and merged dirs carry one)."""
+    if override is not None:
+        return Taxonomy.load(override)
+    path = Path(model_path)
+    for candidate in (folder / TAXONOMY_FILE for folder in run_roots(path)):
+        if candidate.is_file():
+            return Taxonomy.load(candidate)
+    where = f"{path} has no {TAXONOMY_FILE}" if path.is_dir() else f"{path} is not a local folder"
+    raise VlmtaxError(where, "pass --taxonomy FILE (from `vlmtax prepare`)")
