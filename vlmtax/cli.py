@@ -149,12 +149,13 @@ def predict(
         Mode.constrained
     ),
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
+    dtype: Annotated[DType, typer.Option(help="Inference dtype (auto: fp32 on CPU, bf16/fp16 on GPU).")] = DType.auto,
 ) -> None:
     """Predict attribute values for a test CSV and write a submission CSV."""
     from vlmtax.predict import predict as run
 
     run(model=model, csv=csv, images=images, out=out, taxonomy=taxonomy, batch_size=batch_size,
-        probs=probs, mode=mode.value, image_pattern=image_pattern)
+        probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value)
 
 
 @app.command()

@@ -118,14 +118,13 @@ def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code,
-                                                  min_pixels=recipe.image.min_pixels,
-                                                  max_pixels=recipe.image.max_pixels)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0]
         raise VlmtaxError(f"cannot load model {source!r}: {first}",
                           "use a local model folder (no hub access?) or check the hub id") from None
+    # The pixel budget is saved with the run's processor, so predict sees images exactly as training did.
     processor.image_processor.size = {"shortest_edge": recipe.image.min_pixels,
                                       "longest_edge": recipe.image.max_pixels}
     if processor.tokenizer.pad_token_id is None:

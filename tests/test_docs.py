@@ -1,0 +1,315 @@
+"""docs: every command shown in README.md and docs/*.md runs, and the docs name every flag, field and reason.
+
+What counts as a command
+    A line starting with `$ ` inside a ```console fence, one command per line (no `\\` continuations).
+    Lines in the fence that do not start with `$ ` are sample output and are not checked. Commands meant
+    for reference only (they need several GPUs or the network) are written without `$ ` in ```text
+    fences. A `$ ` line outside a console fence is an error, so nothing looks runnable without being run.
+
+Order (one session-scoped sandbox folder, every command run with `bash -c` there)
+    README.md first, then docs/quickstart.md, then the other docs/*.md sorted by name: the later docs say
+    they continue in the quickstart's folder (catalogue/, tiny-model/, data/, runs/tiny, merged/,
+    data-meesho/ ...). A command identical (same shell words) to one already run is not run again; its
+    result is reused (the README's walk-through is the quickstart's first section). A test per command
+    asserts that it exits 0, running the earlier commands first where needed.
+
+Links created in the sandbox (no rewriting of the commands)
+    | link                                   | points to       | why                                        |
+    |----------------------------------------|-----------------|--------------------------------------------|
+    | recipes                                | <repo>/recipes  | the docs run commands from the repo root   |
+    | meesho                                 | catalogue       | the synthetic catalogue has Meesho's file  |
+    |                                        |                 | names (train.csv, train_images/, test.csv, |
+    |                                        |                 | test_images/, category_attributes.parquet) |
+    | models/<name>, for each `models/<name>`| tiny-model      | stands in for downloaded weights           |
+    | that a command names                   |                 | (models/Qwen2-VL-2B-Instruct)              |
+    Relative paths inside the recipes (data/, runs/qwen2vl_2b, ...) resolve in the sandbox.
+
+Substitutions (arguments appended to the documented line; appended overrides win)
+    | command                                      | appended                                               |
+    |----------------------------------------------|--------------------------------------------------------|
+    | vlmtax synth ...                             | --rows 60 --test-rows 16 --image-size 56               |
+    |                                              | (each only where the line does not set it)             |
+    | any line running `vlmtax sft` (also          | train.max_steps=2 train.eval=false                     |
+    | `accelerate launch ... -m vlmtax sft`)       | train.batch_size=1 train.grad_accum=1                  |
+    | ... with a recipe other than tiny_cpu.yaml   | train.liger=false quantization=null                    |
+    | (the GPU recipes)                            | image.max_pixels=12544, and model=tiny-model where the |
+    |                                              | line sets no model=                                    |
+
+Skipped lines (reported as skipped): `pip install ...`, `python -m pip ...`, `make ...`, `git clone ...`,
+`cd ...`, and `vlmtax demo ...` (ten minutes; the end-to-end test runs the demo).
+
+Environment: PATH starts with this Python's bin folder (so `vlmtax` and `accelerate` are this venv's),
+HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM=false, VLMTAX_PROGRESS=0.
+
+The static tests below also check that docs/recipes.md names every recipe field, that the docs name
+every CLI verb and option and every reject reason, that every file under recipes/ they mention exists,
+and that the links between docs (and their #anchors) resolve.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+README = REPO / "README.md"
+
+SYNTH_DEFAULTS = {"--rows": "60", "--test-rows": "16", "--image-size": "56"}
+SFT_ALWAYS = ["train.max_steps=2", "train.eval=false", "train.batch_size=1", "train.grad_accum=1"]
+SFT_GPU_RECIPE = ["train.liger=false", "quantization=null", "image.max_pixels=12544"]
+CPU_RECIPE = "tiny_cpu.yaml"
+TINY_MODEL = "tiny-model"
+SKIP = re.compile(r"^(pip install|python3? -m pip|make(\s|$)|git clone|cd(\s|$)|vlmtax demo)")
+MODELS = re.compile(r"(?<![\w./-])models/([\w.-]+)")
+COMMAND_TIMEOUT = 420
+
+# Every reason string that prepare/predict write to a rejects CSV.
+REJECT_REASONS = ["bad_id", "duplicate_id", "unknown_category", "len_mismatch", "image_outside_folder",
+                  "missing_image", "unreadable_image", "missing_labels", "too_long"]
+
+
+@dataclass(frozen=True)
+class Command:
+    source: Path
+    line: int
+    text: str  # as documented, without the `$ `
+
+    @property
+    def id(self) -> str:
+        return f"{self.source.name}:{self.line}"
+
+
+def doc_files() -> list[Path]:
+    """README first, then the quickstart, then the other docs by name."""
+    docs = sorted(DOCS.glob("*.md"), key=lambda p: (p.name != "quickstart.md", p.name))
+    return ([README] if README.is_file() else []) + docs
+
+
+def parse(path: Path) -> tuple[list[Command], list[str]]:
+    """The `$ ` lines of console fences, and the format problems found."""
+    commands, problems = [], []
+    fence: str | None = None  # language of the open fence
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+            continue
+        if not line.startswith("$ "):
+            continue
+        where = f"{path.name}:{n}"
+        if fence != "console":
+            problems.append(f"{where}: `$ ` line outside a ```console fence: {line}")
+        elif line.endswith("\\"):
+            problems.append(f"{where}: line continuation; write one command per line")
+        else:
+            commands.append(Command(path, n, line[2:].strip()))
+    if fence is not None:
+        problems.append(f"{path.name}: unclosed code fence")
+    return commands, problems
+
+
+def all_commands() -> list[Command]:
+    return [c for p in doc_files() for c in parse(p)[0]]
+
+
+def _has_flag(tokens: list[str], flag: str) -> bool:
+    return any(t == flag or t.startswith(flag + "=") for t in tokens)
+
+
+def runnable(text: str) -> str | None:
+    """The command as the test runs it (substitutions above), or None if the line is skipped."""
+    if SKIP.match(text):
+        return None
+    tokens = shlex.split(text)
+    extra: list[str] = []
+    pairs = list(zip(tokens, tokens[1:]))
+    if ("vlmtax", "synth") in pairs:
+        extra += [x for flag, value in SYNTH_DEFAULTS.items() if not _has_flag(tokens, flag) for x in (flag, value)]
+    if ("vlmtax", "sft") in pairs:
+        start = pairs.index(("vlmtax", "sft")) + 2
+        recipe = next((t for t in tokens[start:] if not t.startswith("-") and "=" not in t), "")
+        extra += SFT_ALWAYS
+        if Path(recipe).name != CPU_RECIPE:
+            extra += SFT_GPU_RECIPE
+            if not any(t.startswith("model=") for t in tokens[start:]):
+                extra.append(f"model={TINY_MODEL}")
+    return " ".join([text, *map(shlex.quote, extra)])
+
+
+@dataclass
+class Result:
+    command: str
+    returncode: int
+    output: str
+    seconds: float
+
+
+class Sandbox:
+    """Runs the documented commands in order, each once, and remembers the results."""
+
+    def __init__(self, root: Path, commands: list[Command]):
+        self.root, self.commands = root, commands
+        self.results: dict[Command, Result] = {}
+        self.by_words: dict[tuple[str, ...], Result] = {}
+        self.next = 0
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLMTAX_PROGRESS": "0"}
+        models = sorted({m for c in commands for m in MODELS.findall(c.text)})
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
+        (root / "meesho").symlink_to("catalogue", target_is_directory=True)
+        for model in models:
+            (root / "models" / model).symlink_to(Path("..") / TINY_MODEL, target_is_directory=True)
+
+    def run_through(self, target: Command) -> Result | None:
+        while self.next < len(self.commands) and target not in self.results:
+            cmd = self.commands[self.next]
+            self.next += 1
+            text = runnable(cmd.text)
+            if text is None:
+                continue
+            words = tuple(shlex.split(text))
+            if words in self.by_words:  # the same command, already run in this folder
+                self.results[cmd] = self.by_words[words]
+                continue
+            started = time.perf_counter()
+            proc = subprocess.run(["bash", "-c", text], cwd=self.root, env=self.env,
+                                  capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+            self.results[cmd] = self.by_words[words] = Result(text, proc.returncode, proc.stdout + proc.stderr,
+                                                              time.perf_counter() - started)
+        return self.results.get(target)
+
+
+COMMANDS = all_commands()
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory) -> Sandbox:
+    return Sandbox(tmp_path_factory.mktemp("docs_sandbox"), COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_documented_command_runs(cmd: Command, sandbox: Sandbox):
+    if runnable(cmd.text) is None:
+        pytest.skip(f"not run by the docs test (see the module docstring): {cmd.text}")
+    result = sandbox.run_through(cmd)
+    assert result is not None
+    failed = [c.id for c, r in sandbox.results.items() if r.returncode and c != cmd]
+    assert result.returncode == 0, (
+        f"{cmd.id}: `{cmd.text}` exited {result.returncode}\nran as: {result.command}\n"
+        + (f"(earlier failures: {', '.join(failed)})\n" if failed else "")
+        + result.output[-4000:]
+    )
+
+
+# --- static checks: the docs against the code ----------------------------------------------------------
+
+
+def _docs_text() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in doc_files())
+
+
+def test_docs_exist_and_commands_are_well_formed():
+    names = {p.name for p in DOCS.glob("*.md")}
+    expected = {"quickstart.md", "data-formats.md", "recipes.md", "decoding.md", "metric.md", "distributed.md",
+                "troubleshooting.md"}
+    assert expected <= names, f"missing docs: {sorted(expected - names)}"
+    problems = [msg for p in doc_files() for msg in parse(p)[1]]
+    assert not problems, "\n".join(problems)
+    assert any(runnable(c.text) for c in COMMANDS)
+
+
+def test_substitutions_are_as_documented():
+    assert runnable("vlmtax synth cat --rows 50") == "vlmtax synth cat --rows 50 --test-rows 16 --image-size 56"
+    sft = "train.max_steps=2 train.eval=false train.batch_size=1 train.grad_accum=1"
+    assert runnable("vlmtax sft recipes/tiny_cpu.yaml data=d") == f"vlmtax sft recipes/tiny_cpu.yaml data=d {sft}"
+    assert runnable("accelerate launch --config_file c.yaml -m vlmtax sft recipes/qwen2vl_2b.yaml data=d") == (
+        f"accelerate launch --config_file c.yaml -m vlmtax sft recipes/qwen2vl_2b.yaml data=d {sft} "
+        "train.liger=false quantization=null image.max_pixels=12544 model=tiny-model")
+    assert runnable("vlmtax sft recipes/qwen2vl_2b.yaml model=models/x").endswith("image.max_pixels=12544")
+    for skipped in ("pip install -e .", "make demo", "git clone https://x/vlmtax", "cd vlmtax", "vlmtax demo"):
+        assert runnable(skipped) is None
+    assert runnable("vlmtax score --truth a.csv --pred b.csv") == "vlmtax score --truth a.csv --pred b.csv"
+
+
+def _recipe_keys(model, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _recipe_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_recipes_doc_names_every_recipe_field():
+    from vlmtax.recipe import Recipe
+
+    text = (DOCS / "recipes.md").read_text(encoding="utf-8")
+    undocumented = [k for k in _recipe_keys(Recipe) if f"`{k}`" not in text]
+    assert not undocumented, f"docs/recipes.md does not document: {undocumented}"
+
+
+def test_docs_name_every_cli_verb_and_option():
+    import click
+    import typer
+
+    from vlmtax.cli import app
+
+    group = typer.main.get_command(app)
+    text = _docs_text()
+    missing = [opt for p in group.params for opt in p.opts if opt.startswith("--") and opt not in text]
+    for name, command in group.commands.items():
+        if f"vlmtax {name}" not in text:
+            missing.append(f"vlmtax {name}")
+        for param in command.params:
+            if isinstance(param, click.Option):
+                missing += [f"{name} {o}" for o in param.opts if o.startswith("--") and o not in text]
+    assert not missing, f"not in the docs: {missing}"
+
+
+def test_every_reject_reason_is_documented_and_real():
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "vlmtax").glob("*.py"))
+    doc = (DOCS / "data-formats.md").read_text(encoding="utf-8")
+    for reason in REJECT_REASONS:
+        assert f'"{reason}"' in source, f"{reason} is not a reason the code emits"
+        assert f"`{reason}`" in doc, f"docs/data-formats.md does not list {reason}"
+
+
+def test_recipe_files_named_in_docs_exist():
+    named = set(re.findall(r"recipes/[\w/.-]+\.yaml", _docs_text()))
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, f"docs name recipe files that do not exist: {missing}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_between_docs_resolve():
+    broken = []
+    for path in doc_files():
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", path.read_text(encoding="utf-8")):
+            dest = (path.parent / target) if target else path
+            if not dest.is_file():
+                broken.append(f"{path.name}: {target}")
+                continue
+            if anchor:
+                slugs = {_slug(m) for m in re.findall(r"^#+\s+(.+)$", dest.read_text(encoding="utf-8"), re.M)}
+                if anchor not in slugs:
+                    broken.append(f"{path.name}: {target}#{anchor}")
+    assert not broken, f"broken links: {broken}"
