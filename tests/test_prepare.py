@@ -258,3 +258,10 @@ def test_cli_one_line_error_and_exit_code(catalogue, tmp_path: Path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_remap_declared_twice_is_an_error(catalogue):
+    spec = dict(ATTRS, remaps=["Sarees:attr_1<->attr_3"])
+    catalogue["attributes"].write_text(json.dumps(spec))
+    with pytest.raises(VlmtaxError, match="declared twice"):
+        _run(catalogue, remaps=["Sarees:attr_3<->attr_1"])

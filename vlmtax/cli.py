@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside each verb so `vlmtax --help` s
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -121,7 +122,8 @@ def sft(
     from vlmtax.sft import sft as run
 
     out = run(recipe, overrides=list(ctx.args), num_processes=num_processes)
-    typer.echo(f"run dir: {out}")
+    if "VLMTAX_LAUNCHED" not in os.environ:  # launched ranks stay quiet; the launcher reports once
+        typer.echo(f"run dir: {out}")
 
 
 @app.command()

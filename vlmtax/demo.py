@@ -7,6 +7,7 @@ output already exists in the work dir are kept, so an interrupted demo picks up 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +15,12 @@ from typing import Any
 
 from rich.console import Console
 
-RECIPE = Path(__file__).resolve().parent / "recipes" / "tiny_cpu.yaml"
-
-
 def _recipe_path() -> Path:
-    """The tiny_cpu recipe: shipped inside the package, or next to it in a source checkout."""
-    if RECIPE.is_file():
-        return RECIPE
-    return Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+    """The tiny_cpu recipe: recipes/ of a source checkout, or the copy a wheel ships as vlmtax.recipes."""
+    from importlib.resources import files
+
+    checkout = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+    return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath("tiny_cpu.yaml")))
 
 
 def demo(workdir: str | Path = "demo_work", rows: int = 400, test_rows: int = 100) -> dict[str, Any]:
@@ -36,7 +35,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 400, test_rows: int = 10
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     cat, model, data = work / "catalogue", work / "tiny-model", work / "data"
     run, merged, submission = work / "run", work / "merged", work / "submission.csv"
     started = time.perf_counter()

@@ -159,7 +159,13 @@ def prepare(
     frame = read_csv(csv, "catalogue CSV", ["id", "Category", "len"])
     spec = read_category_attributes(attributes)
     declared = spec.remaps + [Remap.parse(r) for r in remaps or []]
+    seen_remaps: set[tuple[str, frozenset[str]]] = set()
     for r in declared:
+        key = (r.category, frozenset((r.a, r.b)))
+        if key in seen_remaps:
+            raise VlmtaxError(f"remap {r.category}:{r.a}<->{r.b} is declared twice",
+                              "declare it once (attribute file or --remap): a second swap undoes the first")
+        seen_remaps.add(key)
         if r.category not in spec.attributes:
             raise VlmtaxError(f"remap names unknown category {r.category!r}", "use a category of the attribute file")
     needed = max(len(a) for a in spec.attributes.values())

@@ -20,11 +20,11 @@ class Lora(_Strict):
     rank: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    # all-linear = every linear layer of the language model (never the vision tower unless `vision`).
+    # all-linear = every linear layer of the language model; the vision blocks get LoRA only when
+    # freeze.vision is false.
     target: str | list[str] = "all-linear"
     plus_ratio: float | None = Field(16, gt=0)  # LoRA+: lr of B matrices = lr * ratio; null = plain LoRA
     modules_to_save: list[str] = Field(default_factory=list)
-    vision: bool = False  # also put LoRA on the vision tower's blocks
 
 
 class Freeze(_Strict):

@@ -6,6 +6,8 @@ alongside the model (a score means little without it), prints rich tables and wr
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,8 @@ def score(
 
     report = build_report(result, base, baseline_source=source)
     report.update(truth=str(truth), pred=str(pred), taxonomy=None if taxonomy is None else str(taxonomy))
-    print_report(result, base, console or Console())
+    # Wide tables when logged to a file: rich draws 80 columns off a terminal, eliding most cells.
+    print_report(result, base, console or Console(width=None if sys.stdout.isatty() else 160))
     if json_out is not None:
         write_json(json_out, report)
     if plot is not None:

@@ -6,7 +6,6 @@ vlmtax_meta.json (written last: its presence marks a finished run) and checkpoin
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -229,5 +228,5 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
         finetuning=recipe.finetuning, precision=precision,
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
-        final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), math.nan),
+        final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
         history=history))
