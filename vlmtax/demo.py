@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+
 def _recipe_path() -> Path:
     """The tiny_cpu recipe: recipes/ of a source checkout, or the copy a wheel ships as vlmtax.recipes."""
     from importlib.resources import files

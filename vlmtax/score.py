@@ -7,7 +7,6 @@ alongside the model (a score means little without it), prints rich tables and wr
 from __future__ import annotations
 
 import sys
-
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
