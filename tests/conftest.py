@@ -51,12 +51,13 @@ def prepared_dir(tmp_path_factory, synth_dir, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run_dir(tmp_path_factory, tiny_model_dir, prepared_dir) -> Path:
-    """A finished LoRA run (tiny_cpu recipe: lm_head and merger trained via modules_to_save), 8 steps."""
+    """A finished LoRA run (tiny_cpu recipe with finetuning=lora: lm_head and merger trained via
+    modules_to_save, LoRA on the vision blocks), 8 steps."""
     from vlmtax.sft import sft
 
     out = tmp_path_factory.mktemp("run") / "run"
-    return sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, prepared_dir, out, "train.max_steps=8",
-                                                     "train.batch_size=4"))
+    return sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, prepared_dir, out, "finetuning=lora",
+                                                     "train.max_steps=8", "train.batch_size=4"))
 
 
 @pytest.fixture(scope="module")

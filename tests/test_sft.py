@@ -26,8 +26,8 @@ def _recipe(model: Path, data: Path, out: Path, *extra: str, path: Path = TINY_R
 
 
 def test_trainable_parameters_change_and_frozen_ones_do_not(tiny_model_dir, prepared_dir, tmp_path):
-    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "train.max_steps=3", "train.eval=false",
-                     "freeze.vision=true", "freeze.projector=true")
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "train.max_steps=3",
+                     "train.eval=false", "freeze.vision=true", "freeze.projector=true")
     model, processor = load_model(recipe, "fp32")
     model = prepare_model(model, recipe, "fp32")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -43,7 +43,8 @@ def test_trainable_parameters_change_and_frozen_ones_do_not(tiny_model_dir, prep
 
 
 def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_path):
-    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "lora.plus_ratio=16", "train.lr=0.001")
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "lora.plus_ratio=16",
+                     "train.lr=0.001")
     model, _ = load_model(recipe, "fp32")
     model = prepare_model(model, recipe, "fp32")
     optimizer = loraplus_optimizer(model, recipe)
@@ -66,8 +67,10 @@ def test_each_recipe_runs_two_steps_on_the_cpu(name, tiny_model_dir, prepared_di
     out = sft(RECIPES / name, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", *extra))
     meta = json.loads((out / "vlmtax_meta.json").read_text())
     assert meta["global_step"] == 2 and meta["versions"]["transformers"]
-    for f in ("adapter_model.safetensors", "adapter_config.json", "taxonomy.json", "recipe.yaml",
-              "chat_template.jinja", "processor_config.json", "tokenizer.json"):
+    weights = ("model.safetensors",) if meta["finetuning"] == "full" else ("adapter_model.safetensors",
+                                                                           "adapter_config.json")
+    for f in (*weights, "taxonomy.json", "recipe.yaml", "chat_template.jinja", "processor_config.json",
+              "tokenizer.json"):
         assert (out / f).is_file(), f
 
 
@@ -78,7 +81,7 @@ def test_full_finetuning_saves_weights(tiny_model_dir, prepared_dir, tmp_path):
 
 
 def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, prepared_dir, tmp_path):
-    common = ["train.max_steps=4", "train.save_steps=2", "train.eval=false", "train.save_total_limit=3",
+    common = ["finetuning=lora", "train.max_steps=4", "train.save_steps=2", "train.eval=false", "train.save_total_limit=3",
               "lora.dropout=0.0", "log.every=1"]
     straight = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "a", *common))
     interrupted = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "b", *common))
@@ -104,7 +107,8 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "vlmtax", "sft", str(TINY_RECIPE), "--num-processes", "2",
-         *tiny_overrides(tiny_model_dir, prepared_dir, out, "train.max_steps=2", "train.eval=false")],
+         *tiny_overrides(tiny_model_dir, prepared_dir, out, "finetuning=lora", "train.max_steps=2",
+                         "train.eval=false")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

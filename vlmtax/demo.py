@@ -24,7 +24,7 @@ def _recipe_path() -> Path:
     return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath("tiny_cpu.yaml")))
 
 
-def demo(workdir: str | Path = "demo_work", rows: int = 400, test_rows: int = 100) -> dict[str, Any]:
+def demo(workdir: str | Path = "demo_work", rows: int = 2000, test_rows: int = 100) -> dict[str, Any]:
     """Run the whole pipeline in `workdir`; returns the score report."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
@@ -60,19 +60,25 @@ def demo(workdir: str | Path = "demo_work", rows: int = 400, test_rows: int = 10
     stage(4, "sft: LoRA fine-tuning (recipes/tiny_cpu.yaml)", run / "vlmtax_meta.json",
           lambda: sft(_recipe_path(), [f"model={model}", f"data={data}", f"output_dir={run}",
                                        f"resume={'true' if run.exists() else 'false'}"]))
-    stage(5, "merge: fold the adapter in, verified", merged / "vlmtax_meta.json", lambda: merge(run, merged))
+    full = (run / "model.safetensors").exists() or (run / "model.safetensors.index.json").exists()
+    if full:  # a full fine-tuning run is a plain model folder already: merge says so and copies nothing
+        merge(run, merged)
+        model_for_predict = run
+    else:
+        stage(5, "merge: fold the adapter in, verified", merged / "vlmtax_meta.json", lambda: merge(run, merged))
+        model_for_predict = merged
     stage(6, "predict: constrained decoding", submission,
-          lambda: predict(model=merged, csv=cat / "test.csv", images=cat / "test_images", out=submission,
+          lambda: predict(model=model_for_predict, csv=cat / "test.csv", images=cat / "test_images", out=submission,
                           probs=work / "probs.jsonl"))
     console.rule("[7/7] score: competition metric")
-    report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=merged / "taxonomy.json",
+    report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
                    json_out=work / "score.json", plot=work / "score.png", console=console)
     elapsed = time.perf_counter() - started
     console.print(
         f"\nfinal score {report['final']:.4f} vs constant baseline {report['baseline']['final']:.4f} "
         f"(whole demo {elapsed / 60:.1f} min)\n"
         f"  catalogue   {cat}\n  tiny model  {model}\n  dataset     {data}\n  run dir     {run}\n"
-        f"  merged      {merged}\n  submission  {submission} (+ probs.jsonl)\n"
+        f"  merged      {merged if not full else '(full fine-tuning: the run dir is the model)'}\n  submission  {submission} (+ probs.jsonl)\n"
         f"  score       {work / 'score.json'}, {work / 'score.png'}"
     )
     return report
