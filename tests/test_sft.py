@@ -81,7 +81,8 @@ def test_full_finetuning_saves_weights(tiny_model_dir, prepared_dir, tmp_path):
 
 
 def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, prepared_dir, tmp_path):
-    common = ["finetuning=lora", "train.max_steps=4", "train.save_steps=2", "train.eval=false", "train.save_total_limit=3",
+    common = ["finetuning=lora", "train.max_steps=4", "train.save_steps=2", "train.eval=false",
+              "train.save_total_limit=3",
               "lora.dropout=0.0", "log.every=1"]
     straight = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "a", *common))
     interrupted = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "b", *common))

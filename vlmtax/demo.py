@@ -78,7 +78,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 2000, test_rows: int = 1
         f"\nfinal score {report['final']:.4f} vs constant baseline {report['baseline']['final']:.4f} "
         f"(whole demo {elapsed / 60:.1f} min)\n"
         f"  catalogue   {cat}\n  tiny model  {model}\n  dataset     {data}\n  run dir     {run}\n"
-        f"  merged      {merged if not full else '(full fine-tuning: the run dir is the model)'}\n  submission  {submission} (+ probs.jsonl)\n"
+        f"  merged      {merged if not full else '(full fine-tuning: the run dir is the model)'}\n"
+        f"  submission  {submission} (+ probs.jsonl)\n"
         f"  score       {work / 'score.json'}, {work / 'score.png'}"
     )
     return report
