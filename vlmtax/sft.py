@@ -185,7 +185,7 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
     recipe = load_recipe(recipe_path, overrides)
     hw = Hardware.detect()
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
-        _resume_from = _output_dir_state(recipe)  # fail fast, before spawning processes
+        _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
         _relaunch(Path(recipe_path), list(overrides or []), num_processes, hw)
         return recipe.output_dir
     return train(recipe, hw)
