@@ -39,6 +39,11 @@ class ModelDir:
     def finetuning(self) -> str | None:
         return self.meta.get("finetuning")
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """Only when the recipe that trained it turned remote code on (sft and merge record it)."""
+        return bool(self.meta.get("trust_remote_code", False))
+
 
 def run_roots(path: Path) -> list[Path]:
     """A checkpoint-N folder shares its run's metadata and taxonomy."""
@@ -108,13 +113,14 @@ def default_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model") -> Any:
+def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False) -> Any:
     """Plain `from_pretrained` in one dtype (never quantised: merges and predictions run on 16/32-bit weights)."""
     from transformers import AutoModelForImageTextToText
 
     try:
         # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
-        return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
+                                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlmtaxError(f"cannot load {what} {source}: {first}",
@@ -155,7 +161,8 @@ def fold_adapter(peft_model: Any) -> Any:
     return model.eval()
 
 
-def load_processor(path: str | Path, fallback: str | None = None, padding_side: str | None = "left") -> Any:
+def load_processor(path: str | Path, fallback: str | None = None, padding_side: str | None = "left",
+                   trust_remote_code: bool = False) -> Any:
     """The processor saved with the model (the run's image budget included); left padding for batched decoding
     (None keeps the saved side, for a processor that is only copied on)."""
     from transformers import AutoProcessor
@@ -165,7 +172,7 @@ def load_processor(path: str | Path, fallback: str | None = None, padding_side: 
         if source is None:
             continue
         try:
-            processor = AutoProcessor.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
             break
         except (OSError, ValueError) as exc:
             last = exc
@@ -186,12 +193,13 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str | None
     dev = default_device(device)
     torch_dtype = resolve_dtype(dtype, model_dir, dev)
     if model_dir.kind == "adapter":
-        base = load_weights(model_dir.base, torch_dtype, "base model")
+        remote = model_dir.trust_remote_code
+        base = load_weights(model_dir.base, torch_dtype, "base model", trust_remote_code=remote)
         model = fold_adapter(attach_adapter(base, model_dir))
-        processor = load_processor(model_dir.path, fallback=model_dir.base)
+        processor = load_processor(model_dir.path, fallback=model_dir.base, trust_remote_code=remote)
     else:
-        model = load_weights(model_dir.path, torch_dtype).eval()
-        processor = load_processor(model_dir.path)
+        model = load_weights(model_dir.path, torch_dtype, trust_remote_code=model_dir.trust_remote_code).eval()
+        processor = load_processor(model_dir.path, trust_remote_code=model_dir.trust_remote_code)
     return model.to(dev), processor, model_dir
 
 

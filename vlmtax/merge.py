@@ -172,10 +172,11 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path | N
     torch_dtype = _merge_dtype(dtype, model_dir)
     device = default_device()
     taxonomy = load_taxonomy(run_dir, None)
-    processor = load_processor(model_dir.path, fallback=model_dir.base, padding_side=None)
+    remote = model_dir.trust_remote_code
+    processor = load_processor(model_dir.path, fallback=model_dir.base, padding_side=None, trust_remote_code=remote)
     batch, source = probe_inputs(processor, taxonomy, model_dir.meta)
 
-    peft_model = attach_adapter(load_weights(model_dir.base, torch_dtype, "base model"), model_dir).to(device)
+    peft_model = attach_adapter(load_weights(model_dir.base, torch_dtype, "base model", remote), model_dir).to(device)
     adapter = probe_logits(peft_model, batch)
     with peft_model.disable_adapter():
         base = probe_logits(peft_model, batch)
@@ -188,11 +189,12 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path | N
     name = {v: k for k, v in DTYPES.items()}[torch_dtype]
     sft_meta = {k: v for k, v in model_dir.meta.items() if k not in ("history", "versions")}
     with atomic_dir(out) as tmp:
-        meta = run_meta(stage="merge", source_run=str(run_dir.resolve()), base_model=model_dir.base, dtype=name,
+        meta = run_meta(stage="merge", source_run=str(run_dir.resolve()), base_model=model_dir.base,
+                        trust_remote_code=remote, dtype=name,
                         finetuning="lora", data=model_dir.meta.get("data"), source_meta=sft_meta)
         save_merged(merged_model, processor, taxonomy, model_dir, tmp, meta)
         del merged_model, peft_model
-        reloaded = probe_logits(load_weights(tmp, torch_dtype, "merged model").to(device), batch)
+        reloaded = probe_logits(load_weights(tmp, torch_dtype, "merged model", remote).to(device), batch)
         check.reloaded_vs_adapter = _max_diff(reloaded, adapter)
         verify(check, "reloaded")
         meta["verification"] = asdict(check)

@@ -225,7 +225,7 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
     data_files = [recipe.data / n for n in ("train.json", "val.json", "taxonomy.json") if (recipe.data / n).exists()]
     write_json(out / META_FILE, run_meta(
         stage="sft", base_model=str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
-        finetuning=recipe.finetuning, precision=precision,
+        finetuning=recipe.finetuning, precision=precision, trust_remote_code=recipe.trust_remote_code,
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
         final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
