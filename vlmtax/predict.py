@@ -25,7 +25,7 @@ from PIL import Image
 
 from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, image_path
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_path, read_csv, write_csv
+from vlmtax.fileio import atomic_path, file_sha256, read_csv, write_csv
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
@@ -112,10 +112,6 @@ class Partial:
             os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -> list[dict[str, Any]]:
     from vlmtax.decoding import free_decode
 
@@ -199,7 +195,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
 
     rows = plan_rows(frame, tax, images, image_pattern)
     batches = make_batches(rows, batch_size)
-    fingerprint = {"csv_sha256": _sha256(csv), "model": str(Path(model).resolve()), "images": str(images.resolve()),
+    fingerprint = {"csv_sha256": file_sha256(csv), "model": str(Path(model).resolve()), "images": str(images.resolve()),
                    "taxonomy_sha256": hashlib.sha256(tax.model_dump_json().encode()).hexdigest(), "mode": mode,
                    "batch_size": batch_size, "image_pattern": image_pattern, "probs": probs is not None,
                    "dtype": dtype}

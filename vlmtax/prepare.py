@@ -7,7 +7,6 @@ val.csv (validation truth in submission layout), rejects.csv, report.json, prepa
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -20,21 +19,13 @@ from vlmtax import __version__
 from vlmtax.answer import answer_segments, render_answer, render_prompt
 from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, check_images, image_path, read_category_attributes
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_dir, read_csv
+from vlmtax.fileio import atomic_dir, file_sha256, read_csv
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
 
 FORMATS = ("sharegpt", "alpaca")
 MISSING_RULES = ("mode", "mask", "skip")
 REJECT_COLUMNS = ["id", "Category", "reason", "detail"]
 META_FILE = "prepare_meta.json"
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out_dir(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -184,7 +175,7 @@ def prepare(
     frame["id"] = column(None if pd.isna(v) else str(v).strip() for v in frame["id"])
     frame["Category"] = column(None if pd.isna(v) else " ".join(str(v).split()) for v in frame["Category"])
 
-    fingerprint = {"csv": str(csv.resolve()), "csv_sha256": _file_hash(csv)}
+    fingerprint = {"csv": str(csv.resolve()), "csv_sha256": file_sha256(csv)}
     _check_out_dir(out, fingerprint)
     processor = _load_processor(model) if model is not None else None
 
