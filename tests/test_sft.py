@@ -137,3 +137,22 @@ def test_one_line_errors(tiny_model_dir, prepared_dir, tmp_path):
 
 def test_cpu_hardware_detected():
     assert Hardware.detect().cuda == torch.cuda.is_available()
+
+
+def test_batches_mix_categories_unless_grouped_by_length(tiny_model_dir, prepared_dir, tmp_path):
+    """A record's length follows its category, so length-grouped batches hold one category each (on the demo
+    catalogue the model then learned the priors and nothing from the images); the default draws at random."""
+    records = json.loads((prepared_dir / "train.json").read_text())
+
+    def batches(*extra: str) -> list[set[str]]:
+        recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "train.batch_size=8", *extra)
+        model, processor = load_model(recipe, "fp32")
+        trainer = build_trainer(recipe, model, processor, "fp32")
+        order = list(trainer._get_train_sampler())
+        return [{records[i]["category"] for i in order[s:s + 8]} for s in range(0, len(order) - 7, 8)]
+
+    assert load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path)).train.group_by_length \
+        is False
+    mixed, grouped = batches(), batches("train.group_by_length=true")
+    assert sum(len(cats) > 1 for cats in mixed) >= len(mixed) - 1
+    assert sum(map(len, grouped)) < sum(map(len, mixed))

@@ -51,7 +51,11 @@ class Train(_Strict):
     liger: bool = False
     seed: int = 42
     max_length: int = Field(2048, ge=16)  # tokens per record; longer records are an error, never truncated
-    group_by_length: bool = True
+    # Off by default: lengths follow the category (its attribute list is in the prompt and the answer), so
+    # length-grouped batches hold one category each. Measured on the demo catalogue, the model then learns
+    # each category's label priors but not to read the images (colour gain over the baseline +0.00 vs +0.65
+    # with random batches, same steps and speed).
+    group_by_length: bool = False
     eval: bool = True  # evaluation loss on val.json every epoch
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
