@@ -1,22 +1,20 @@
 """The end-to-end bar: the demo pipeline's model beats the constant baseline on what the images show.
 
-The demo (synth -> tiny-model -> prepare -> sft -> merge -> predict -> score) runs as a user runs it.
-On the attributes the synthetic images really draw (colour, pattern, sleeve length, garment length),
-the fine-tuned model must beat the constant baseline (each attribute's most common training value) by
-a clear margin. The threshold is checked for honesty: the same pipeline trained and evaluated on the
-same catalogue with every image replaced by a blank one must fall short of it.
+The demo (synth -> tiny-model -> prepare -> sft -> merge -> predict -> score) runs as a user runs it:
+4,000 synthetic rows (3,600 train, 400 val), 500 test rows, recipes/tiny_cpu.yaml. On the attributes
+the synthetic images really draw (colour, pattern, sleeve length, garment length), the fine-tuned
+model must beat the constant baseline (each attribute's most common training value) by a clear
+margin. The thresholds are checked for honesty: the same pipeline trained and evaluated on the same
+catalogue with every image replaced by a blank one must fall short of them.
 
-Status: NOT MET. With the tiny random Qwen2-VL on the CPU the model learns the label priors reliably
-but learns to read colour off the images only partly and only for some seeds (the demo's run: final
-0.448 vs baseline 0.416, visible-attribute gain +0.036, all of it colour; seed 1: +0.004), and never
-pattern, sleeve length or garment length. So this module runs only when asked
-(`VLMTAX_E2E=1 pytest tests/test_end_to_end.py`, about 4 minutes) and is kept out of CI until the
-demo model learns to see reliably; it fails today.
+Measured on the 2-core development machine (gain = model score - baseline score, metric points):
+final 0.564 vs baseline 0.393; mean visible gain +0.353 over the 17 (category, attribute) pairs;
+colour +0.87 (all five categories), garment length +0.50 (all three), pattern +0.03, sleeve length
++0.00. The blank-image run learns the label priors only. The two demos take about 8 minutes together.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,12 +23,10 @@ from PIL import Image
 
 from vlmtax.demo import demo
 
-pytestmark = pytest.mark.skipif(os.environ.get("VLMTAX_E2E") != "1",
-                                reason="end-to-end bar not met yet (see module docstring); VLMTAX_E2E=1 runs it")
-
 VISIBLE = ("color", "pattern", "sleeve_length", "length")
-MARGIN = 0.03  # mean gain over the baseline on the visible attributes, in metric points
-COLOUR_MARGIN = 0.08  # mean gain on colour alone: the attribute the tiny model does learn to see
+MARGIN = 0.15  # mean gain over the baseline on the visible attributes, in metric points (measured +0.35)
+COLOUR_MARGIN = 0.5  # mean gain on colour alone (measured +0.87)
+LENGTH_MARGIN = 0.15  # mean gain on garment length: a shape, not a colour, read off the image (measured +0.50)
 
 
 def visible_gain(report: dict, attributes: tuple[str, ...] = VISIBLE) -> tuple[float, dict[str, float]]:
@@ -49,18 +45,21 @@ def demo_report(tmp_path_factory) -> tuple[dict, Path]:
     return demo(work), work
 
 
+@pytest.mark.slow
 def test_demo_model_beats_the_constant_baseline_on_visible_attributes(demo_report):
     report, work = demo_report
     gain, gains = visible_gain(report)
     print(f"visible-attribute gain over baseline: {gain:.3f}", {k: round(v, 3) for k, v in gains.items()})
     assert gain >= MARGIN, gains
     assert visible_gain(report, ("color",))[0] >= COLOUR_MARGIN, gains
-    assert min(gains.values()) > -0.05, gains  # nothing visible got clearly worse than the baseline
-    assert report["final"] > report["baseline"]["final"]
+    assert visible_gain(report, ("length",))[0] >= LENGTH_MARGIN, gains
+    assert min(gains.values()) > -0.1, gains  # nothing visible got clearly worse than the baseline
+    assert report["final"] > report["baseline"]["final"] + 0.05
     for artefact in ("submission.csv", "probs.jsonl", "score.json", "score.png", "run/model.safetensors"):
         assert (work / artefact).exists(), artefact
 
 
+@pytest.mark.slow
 def test_the_threshold_fails_a_model_that_cannot_see(demo_report, tmp_path):
     """Same catalogue, labels and training, every image blank: the bar must not be met."""
     _, work = demo_report
@@ -76,3 +75,4 @@ def test_the_threshold_fails_a_model_that_cannot_see(demo_report, tmp_path):
     print(f"blank-image gain over baseline: {gain:.3f}", {k: round(v, 3) for k, v in gains.items()})
     assert gain < MARGIN
     assert visible_gain(report, ("color",))[0] < COLOUR_MARGIN
+    assert visible_gain(report, ("length",))[0] < LENGTH_MARGIN

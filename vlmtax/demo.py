@@ -24,7 +24,7 @@ def _recipe_path() -> Path:
     return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath("tiny_cpu.yaml")))
 
 
-def demo(workdir: str | Path = "demo_work", rows: int = 2000, test_rows: int = 100) -> dict[str, Any]:
+def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500) -> dict[str, Any]:
     """Run the whole pipeline in `workdir`; returns the score report."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
@@ -56,8 +56,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 2000, test_rows: int = 1
     stage(3, "prepare: training records", data / "prepare_meta.json",
           lambda: prepare(csv=cat / "train.csv", images=cat / "train_images",
                           attributes=cat / "category_attributes.parquet", out=data, model=model,
-                          max_pixels=12544, remaps=["Sarees:attr_1<->attr_4"]))
-    stage(4, "sft: LoRA fine-tuning (recipes/tiny_cpu.yaml)", run / "vlmtax_meta.json",
+                          max_pixels=12544, remaps=["Sarees:attr_1<->attr_4"], missing="mask"))
+    stage(4, "sft: fine-tuning (recipes/tiny_cpu.yaml)", run / "vlmtax_meta.json",
           lambda: sft(_recipe_path(), [f"model={model}", f"data={data}", f"output_dir={run}",
                                        f"resume={'true' if run.exists() else 'false'}"]))
     full = (run / "model.safetensors").exists() or (run / "model.safetensors.index.json").exists()
