@@ -53,7 +53,7 @@ def test_demo_model_beats_the_constant_baseline_on_visible_attributes(demo_repor
     assert gain >= MARGIN, gains
     assert visible_gain(report, ("color",))[0] >= COLOUR_MARGIN, gains
     assert visible_gain(report, ("length",))[0] >= LENGTH_MARGIN, gains
-    assert min(gains.values()) > -0.1, gains  # nothing visible got clearly worse than the baseline
+    assert min(gains.values()) > -0.05, gains  # nothing visible got clearly worse than the baseline
     assert report["final"] > report["baseline"]["final"] + 0.05
     for artefact in ("submission.csv", "probs.jsonl", "score.json", "score.png", "run/model.safetensors"):
         assert (work / artefact).exists(), artefact

@@ -151,8 +151,7 @@ def test_batches_mix_categories_unless_grouped_by_length(tiny_model_dir, prepare
         order = list(trainer._get_train_sampler())
         return [{records[i]["category"] for i in order[s:s + 8]} for s in range(0, len(order) - 7, 8)]
 
-    assert load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path)).train.group_by_length \
-        is False
+    assert _recipe(tiny_model_dir, prepared_dir, tmp_path).train.group_by_length is False
     mixed, grouped = batches(), batches("train.group_by_length=true")
     assert sum(len(cats) > 1 for cats in mixed) >= len(mixed) - 1
     assert sum(map(len, grouped)) < sum(map(len, mixed))
