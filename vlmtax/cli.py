@@ -131,11 +131,12 @@ def merge(
     run_dir: Path,
     out: Annotated[Path, typer.Option(help="Merged model folder.")],
     dtype: Annotated[DType, typer.Option(help="Weights dtype of the merged model.")] = DType.auto,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
 ) -> None:
     """Fold a LoRA adapter into its base model and verify the result."""
     from vlmtax.merge import merge as run
 
-    run(run_dir, out, dtype=dtype.value)
+    run(run_dir, out, dtype=dtype.value, device=device)
 
 
 @app.command()
@@ -152,12 +153,13 @@ def predict(
     ),
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     dtype: Annotated[DType, typer.Option(help="Inference dtype (auto: fp32 on CPU, bf16/fp16 on GPU).")] = DType.auto,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
 ) -> None:
     """Predict attribute values for a test CSV and write a submission CSV."""
     from vlmtax.predict import predict as run
 
     run(model=model, csv=csv, images=images, out=out, taxonomy=taxonomy, batch_size=batch_size,
-        probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value)
+        probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value, device=device)
 
 
 @app.command()
