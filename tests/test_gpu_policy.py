@@ -130,3 +130,28 @@ def test_liger_patch_is_applied_per_family_without_its_loss(tiny_model_dir, tmp_
         apply_liger(model)
 
 
+
+
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_launch_several_processes(path: Path):
+    """Each config parses as accelerate reads it and picks a launcher that starts `num_processes` processes
+    (accelerate's plain --cpu launcher would start one), with precision left to the recipe."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DistributedType
+
+    args, defaults, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(path), "train.py"]))
+    assert defaults.num_processes >= 2 and args.num_processes == defaults.num_processes
+    assert defaults.mixed_precision == "no" and not args.cpu
+    assert args.multi_gpu or args.use_deepspeed or args.use_fsdp
+    if defaults.distributed_type == DistributedType.FSDP:
+        from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+        for name in defaults.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","):
+            assert hasattr(modeling_qwen2_vl, name), name
+        assert args.fsdp_version == "2" or str(defaults.fsdp_config["fsdp_version"]) == "2"
+    if defaults.distributed_type == DistributedType.DEEPSPEED:
+        assert defaults.deepspeed_config["zero_stage"] == 2 and args.zero_stage == 2

@@ -175,11 +175,13 @@ def _output_dir_state(recipe: Recipe) -> str | bool | None:
     return None
 
 
-def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int, hw: Hardware) -> None:
-    """Data-parallel run: `accelerate launch` this same command (gloo on the CPU, NCCL on GPUs)."""
+def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> None:
+    """Data-parallel run: `accelerate launch` this same command (gloo on the CPU, NCCL on GPUs).
+
+    `--multi_gpu` is accelerate's torchrun launcher on the CPU too: its `--cpu` launcher starts ONE process
+    whatever --num_processes says. The ranks then find no GPU and join over gloo (training_args: use_cpu)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--multi_gpu"] if hw.cuda else ["--cpu"]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
     cmd += ["-m", "vlmtax", "sft", str(recipe_path), *overrides]
     proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
     if proc.returncode != 0:
@@ -189,12 +191,11 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int, hw: H
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
-    hw = Hardware.detect()
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
-        _relaunch(Path(recipe_path), list(overrides or []), num_processes, hw)
+        _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
-    return train(recipe, hw)
+    return train(recipe)
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:

@@ -93,6 +93,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         eval_strategy="epoch" if has_eval and t.eval else "no",
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.num_workers,
+        use_cpu=not torch.cuda.is_available(),  # launched ranks on a CPU join over gloo only when told so
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; warns on the CPU
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
