@@ -69,11 +69,15 @@ def synth(
 
 
 @app.command("tiny-model")
-def tiny_model(out_dir: Path, seed: int = 0) -> None:
+def tiny_model(
+    out_dir: Path,
+    seed: int = 0,
+    vocab_size: Annotated[int | None, typer.Option(help="Pad the embedding to N rows (Qwen2-VL: 151936).")] = None,
+) -> None:
     """Build a tiny, randomly initialised Qwen2-VL (tokenizer, processor, weights) for tests and the demo."""
     from vlmtax.tiny_model import build_tiny_model
 
-    out = build_tiny_model(out_dir, seed=seed)
+    out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
     typer.echo(f"tiny Qwen2-VL written to {out}")
 
 
