@@ -34,8 +34,8 @@ from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Category
 
-# fp32 logits scored at once (64 MiB): 110 positions of Qwen2-VL's 151,936-token vocabulary.
-LOGIT_CHUNK_ELEMENTS = 1 << 24
+# fp32 logits scored at once (16 MiB): 27 positions of Qwen2-VL's 151,936-token vocabulary.
+LOGIT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
