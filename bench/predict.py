@@ -3,15 +3,17 @@
     python bench/predict.py                      # tiny random Qwen2-VL + synthetic test rows, built in a temp dir
     python bench/predict.py --model RUN_OR_MERGED_DIR --csv test.csv --images test_images/
 
-Prints rows/s and model forward calls per row and per batch for each mode at batch 8 and 16, then the
-ratios. Then peak memory of constrained decoding vs plain generate on one batch of 16 rows of a tiny model
-whose embedding is padded to Qwen2-VL's 151,936 tokens (`torch.cuda.max_memory_allocated` on a GPU; on
-the CPU the process' peak RSS above its level before the call, the peak reset through
-/proc/self/clear_refs). Targets: constrained >= 2x the rows/s of plain generate at each batch size,
-forward calls per batch <= the most attributes of a category in the batch + 2, and constrained peak
-memory <= 2x generate's. Exits 1 if a target is missed. Each mode decodes the same batches once after
-one warm-up batch; forward calls are counted on the language model, so `generate` and constrained
-decoding are counted alike.
+Prints rows/s and model forward calls per row and per batch for each mode at batch 8 and 16, and the
+ratios; then `predict --num-processes 2` vs one process (wall clock); then peak memory of constrained
+decoding vs plain generate on one batch of 16 rows of a tiny model whose embedding is padded to
+Qwen2-VL's 151,936 tokens (`torch.cuda.max_memory_allocated` on a GPU; on the CPU the process' peak RSS
+above its level before the call, the peak reset through /proc/self/clear_refs).
+
+Targets: constrained >= 2x the rows/s of plain generate at each batch size; forward calls per batch <=
+the most attributes of a category in the batch + 2; 2 processes >= 1.4x the rows/s of one; constrained
+peak memory <= 2x generate's. Exits 1 if a target is missed. Each mode decodes the same batches once
+after one warm-up batch; forward calls are counted on the language model, so `generate` and
+constrained decoding are counted alike.
 """
 
 from __future__ import annotations
@@ -169,6 +171,23 @@ def memory(model, processor, rows, batch_size: int) -> float:
     return con / max(gen, 1)
 
 
+def scale_out(model_path: Path, csv: Path, images: Path, taxonomy_path: Path | None, batch_size: int,
+              work: Path) -> float:
+    """Wall-clock rows/s of `predict` in one process vs `predict --num-processes 2` (model loading, launch and
+    assembly included in both), one torch thread per process."""
+    from vlmtax.predict import predict
+
+    rates = {}
+    for n in (1, 2):
+        report = predict(model=model_path, csv=csv, images=images, out=work / f"scale-{n}.csv", taxonomy=taxonomy_path,
+                         batch_size=batch_size, num_processes=n)
+        rates[n] = report["predicted"] / report["seconds"]
+    same = (work / "scale-1.csv").read_bytes() == (work / "scale-2.csv").read_bytes()
+    print(f"\npredict rows/s (wall clock, model loading included): 1 process {rates[1]:.1f}, "
+          f"2 processes {rates[2]:.1f}: {rates[2] / rates[1]:.2f}x (target >= 1.4x); same CSV: {same}")
+    return rates[2] / rates[1] if same else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="run dir, merged dir or model folder (default: a fresh tiny model)")
@@ -179,6 +198,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="8,16", help="speed runs, comma-separated")
     ap.add_argument("--memory-batch", type=int, default=16, help="rows in the peak-memory batch (0: skip)")
     ap.add_argument("--vocab-size", type=int, default=151936, help="tiny model's vocabulary for the memory run")
+    ap.add_argument("--scale-out", type=int, default=1, help="also time predict with 2 processes vs 1 (0: skip)")
     ap.add_argument("--rounds", type=int, default=3, help="timed passes per mode; the best one counts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: a shared CPU makes multi-threaded timings of tiny ops erratic)")
@@ -192,6 +212,9 @@ def main() -> int:
         print(f"model {model_path}")
         for batch_size in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
             ok &= speed(model, processor, rows, batch_size, args.rounds)[0]
+        if args.scale_out:
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            ok &= scale_out(model_path, csv, images, taxonomy_path, 8, Path(tmp)) >= 1.4
         if args.memory_batch:
             if not args.model:
                 from vlmtax.tiny_model import build_tiny_model
