@@ -36,6 +36,11 @@ class Missing(str, enum.Enum):
     skip = "skip"
 
 
+class VerifyImages(str, enum.Enum):
+    fast = "fast"
+    full = "full"
+
+
 class DType(str, enum.Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -95,7 +100,10 @@ def prepare(
     strict: Annotated[bool, typer.Option(help="Any rejected row is an error.")] = False,
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores, at most 8).")] = None,
+    verify_images: Annotated[VerifyImages, typer.Option(
+        help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
+    image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -104,7 +112,7 @@ def prepare(
         csv=csv, images=images, attributes=attributes, out=out, format=format.value, missing=missing.value,
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
-        remaps=remap or [], workers=workers,
+        remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "

@@ -58,9 +58,10 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically. indent=None for large files: json's C encoder only runs without an indent."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:

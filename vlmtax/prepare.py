@@ -17,9 +17,10 @@ import pandas as pd
 
 from vlmtax import __version__
 from vlmtax.answer import answer_segments, render_answer, render_prompt
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, check_images, image_path, read_category_attributes
+from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, image_path, read_category_attributes
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_dir, file_sha256, read_csv
+from vlmtax.imagecheck import VERIFY_MODES, cache_file, check_images
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
 
 FORMATS = ("sharegpt", "alpaca")
@@ -134,6 +135,8 @@ def prepare(
     image_pattern: str = DEFAULT_IMAGE_PATTERN,
     remaps: list[str] | None = None,
     workers: int | None = None,
+    verify_images: str = "fast",
+    image_cache: bool = True,
 ) -> dict[str, Any]:
     """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
     csv, images, out = Path(csv), Path(images), Path(out)
@@ -141,6 +144,8 @@ def prepare(
         raise VlmtaxError(f"unknown format {format!r}", f"use one of {', '.join(FORMATS)}")
     if missing not in MISSING_RULES:
         raise VlmtaxError(f"unknown missing-label rule {missing!r}", f"use one of {', '.join(MISSING_RULES)}")
+    if verify_images not in VERIFY_MODES:
+        raise VlmtaxError(f"unknown image check {verify_images!r}", f"use one of {', '.join(VERIFY_MODES)}")
     if not 0 <= val_fraction < 1:
         raise VlmtaxError(f"--val-fraction {val_fraction} is out of range", "use a share in [0, 1)")
     if not images.is_dir():
@@ -192,7 +197,9 @@ def prepare(
                 details[i] = str(rel if rel is not None else image_pattern)
     todo = [i for i, r in enumerate(reasons) if r is None]
     sizes: dict[int, tuple[int, int]] = {}
-    for i, (reason, w, h) in zip(todo, check_images([str(paths[i]) for i in todo], workers=workers)):
+    checks = check_images([str(paths[i]) for i in todo], workers=workers, verify=verify_images,
+                          cache=cache_file(images) if image_cache else None)
+    for i, (reason, w, h) in zip(todo, checks):
         if reason:
             reasons[i], details[i] = reason, str(paths[i])
         else:
@@ -273,7 +280,8 @@ def prepare(
         rejects.to_csv(tmp / "rejects.csv", index=False)
         meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
                 "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
-                "image_pattern": image_pattern, "model": str(model) if model else None,
+                "image_pattern": image_pattern, "verify_images": verify_images,
+                "model": str(model) if model else None,
                 "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return report
