@@ -11,7 +11,11 @@ Order (one session-scoped sandbox folder, every command run with `bash -c` there
     they continue in the quickstart's folder (catalogue/, tiny-model/, data/, runs/tiny, merged/,
     data-meesho/ ...). A command identical (same shell words) to one already run is not run again; its
     result is reused (the README's walk-through is the quickstart's first section). A test per command
-    asserts that it exits 0, running the earlier commands first where needed.
+    asserts that it exits 0, running the earlier commands first where needed, and that it had the effects
+    it claims (effect_problems): the files its output options name (prepare's eight files, merge's
+    config and taxonomy, predict's submission with one row per input row and its --probs lines, score's
+    --json/--plot), the options prepare records (--format, --missing), and every `key=value` override of
+    an sft line in the run's recipe.yaml (except those the test substitutes).
 
 Links created in the sandbox (no rewriting of the commands)
     | link                                   | points to       | why                                        |
@@ -197,6 +201,93 @@ def sandbox(tmp_path_factory) -> Sandbox:
     return Sandbox(tmp_path_factory.mktemp("docs_sandbox"), COMMANDS)
 
 
+PREPARE_FILES = ["train.json", "val.json", "dataset_info.json", "taxonomy.json", "val.csv", "rejects.csv",
+                 "report.json", "prepare_meta.json"]
+SUBMISSION_COLUMNS = ["id", "Category", "len", *(f"attr_{i}" for i in range(1, 11))]
+# Overrides the docs test appends itself (see the module docstring): their documented value is not checked.
+SUBSTITUTED = {a.split("=")[0] for a in SFT_ALWAYS + SFT_GPU_RECIPE} | {"model"}
+
+
+def _option(tokens: list[str], flag: str) -> str | None:
+    for i, tok in enumerate(tokens):
+        if tok == flag and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if tok.startswith(flag + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def effect_problems(text: str, root: Path) -> list[str]:
+    """What a documented command says it writes or sets, checked after it ran (empty list: all there)."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    tokens = shlex.split(text)
+    if "vlmtax" not in tokens or tokens.index("vlmtax") + 1 >= len(tokens):
+        return []
+    verb = tokens[tokens.index("vlmtax") + 1]
+    args = tokens[tokens.index("vlmtax") + 2:]
+    expect: list[Path] = []
+    problems: list[str] = []
+    out = _option(args, "--out")
+    if verb in ("synth", "tiny-model"):
+        folder = root / args[0]
+        expect += [folder / n for n in (("train.csv", "test.csv", "category_attributes.parquet")
+                                        if verb == "synth" else ("config.json", "tokenizer.json"))]
+    elif verb == "prepare":
+        expect += [root / out / n for n in PREPARE_FILES]
+        meta_path = root / out / "prepare_meta.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            for flag in ("--format", "--missing"):
+                value = _option(args, flag)
+                if value is not None and meta.get(flag[2:]) != value:
+                    problems.append(f"{flag} {value} but prepare_meta.json says {meta.get(flag[2:])!r}")
+    elif verb == "merge":
+        expect += [root / out / "config.json", root / out / "taxonomy.json"]
+    elif verb == "predict":
+        expect.append(root / out)
+        if (root / out).is_file():
+            sub = pd.read_csv(root / out, dtype=str)
+            n_rows = len(pd.read_csv(root / _option(args, "--csv"), dtype=str))
+            if list(sub.columns) != SUBMISSION_COLUMNS or len(sub) != n_rows:
+                problems.append(f"{out}: columns {list(sub.columns)}, {len(sub)} rows for {n_rows} input rows")
+            probs = _option(args, "--probs")
+            if probs and (root / probs).is_file() and len((root / probs).read_text().splitlines()) != n_rows:
+                problems.append(f"{probs} does not hold one line per input row")
+    elif verb == "score":
+        for flag in ("--json", "--plot"):
+            if _option(args, flag):
+                expect.append(root / _option(args, flag))
+        report_path = root / (_option(args, "--json") or "-")
+        baseline = _option(args, "--baseline")
+        if baseline and report_path.is_file() and baseline not in json.loads(report_path.read_text())["baseline"][
+                "source"]:
+            problems.append(f"--baseline {baseline} is not the baseline's source in {report_path.name}")
+    elif verb == "sft":
+        overrides = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+        run = root / overrides.get("output_dir", "")
+        expect += [run / "recipe.yaml", run / "vlmtax_meta.json", run / "taxonomy.json"]
+        if (run / "recipe.yaml").is_file():
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+            for key, raw in overrides.items():
+                if key in SUBSTITUTED or key in ("data", "output_dir"):
+                    continue
+                want, got = yaml.safe_load(raw), _dotted(recipe, key)
+                if got != want and not (key == "resume" and want is True):
+                    problems.append(f"{key}={raw} but the run's recipe.yaml has {got!r}")
+    problems += [f"{p.relative_to(root)} was not written" for p in expect if not p.exists()]
+    return problems
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
 def test_documented_command_runs(cmd: Command, sandbox: Sandbox):
     if runnable(cmd.text) is None:
@@ -209,6 +300,8 @@ def test_documented_command_runs(cmd: Command, sandbox: Sandbox):
         + (f"(earlier failures: {', '.join(failed)})\n" if failed else "")
         + result.output[-4000:]
     )
+    problems = effect_problems(cmd.text, sandbox.root)
+    assert not problems, f"{cmd.id}: `{cmd.text}` ran but: {'; '.join(problems)}"
 
 
 # --- static checks: the docs against the code ----------------------------------------------------------

@@ -226,6 +226,15 @@ def test_file_problems_are_errors_without_partial_output(catalogue, tmp_path: Pa
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
 
 
+def test_every_row_rejected_counts_the_reasons(catalogue, tmp_path: Path):
+    empty_images = tmp_path / "no_images"
+    empty_images.mkdir()
+    n_rows = len(pd.read_csv(catalogue["csv"]))
+    with pytest.raises(VlmtaxError, match=rf"every row was rejected \(missing_image: {n_rows}\)"):
+        prepare(csv=catalogue["csv"], images=empty_images, attributes=catalogue["attributes"], out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):
     _run(catalogue)
     _run(catalogue)  # the same dataset again is fine: it is replaced

@@ -13,10 +13,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.taxonomy import N_SLOTS, Remap
 
 DEFAULT_IMAGE_PATTERN = "{id:06d}.jpg"
+# Columns of a rejects CSV (prepare's rejects.csv, predict's <out>.rejects.csv).
+REJECT_COLUMNS = ["id", "Category", "reason", "detail"]
 
 
 @dataclass
@@ -57,8 +59,8 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
     except VlmtaxError:
         raise
     except Exception as exc:  # parquet/json/yaml parsers raise many types; all mean "unreadable"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VlmtaxError(f"cannot read category-attribute file {path}: {first}", "check the file's format") from None
+        raise VlmtaxError(f"cannot read category-attribute file {path}: {first_line(exc)}",
+                          "check the file's format") from None
 
     if isinstance(data, dict) and "categories" in data:
         remaps = [Remap.parse(r) if isinstance(r, str) else Remap.model_validate(r) for r in data.get("remaps") or []]

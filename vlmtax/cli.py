@@ -22,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
 
 
 class Format(str, enum.Enum):
@@ -55,7 +54,7 @@ class Mode(str, enum.Enum):
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    _state["debug"] = debug
+    """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
 
 
 @app.command()
@@ -175,11 +174,12 @@ def score(
     taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metric as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG with per-attribute bars.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Training CSV whose modes make the constant baseline.")] = None,
 ) -> None:
     """Score a submission with the competition metric, per category and per attribute."""
     from vlmtax.score import score as run
 
-    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot)
+    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot, baseline=baseline)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 
 
 @contextlib.contextmanager
@@ -89,8 +89,8 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise VlmtaxError(f"{what} {path} is empty", "pass a CSV with a header and at least one row") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VlmtaxError(f"{what} {path} cannot be parsed: {msg}", "check that it is a comma-separated CSV") from None
+        raise VlmtaxError(f"{what} {path} cannot be parsed: {first_line(exc)}",
+                          "check that it is a comma-separated CSV") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise VlmtaxError(
