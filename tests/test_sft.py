@@ -104,6 +104,7 @@ def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
