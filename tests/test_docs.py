@@ -11,7 +11,8 @@ Order (one session-scoped sandbox folder, every command run with `bash -c` there
     they continue in the quickstart's folder (catalogue/, tiny-model/, data/, runs/tiny, merged/,
     data-meesho/ ...). A command identical (same shell words) to one already run is not run again; its
     result is reused (the README's walk-through is the quickstart's first section). A test per command
-    asserts that it exits 0, running the earlier commands first where needed, and that it had the effects
+    asserts that it exits 0, running the earlier commands first where needed (under `-m "not slow"`
+    without the commands marked slow, see slow_commands), and that it had the effects
     it claims (effect_problems): the files its output options name (prepare's eight files, merge's
     config and taxonomy, predict's submission with one row per input row and its --probs lines, score's
     --json/--plot), the options prepare records (--format, --missing), and every `key=value` override of
@@ -160,8 +161,8 @@ class Result:
 class Sandbox:
     """Runs the documented commands in order, each once, and remembers the results."""
 
-    def __init__(self, root: Path, commands: list[Command]):
-        self.root, self.commands = root, commands
+    def __init__(self, root: Path, commands: list[Command], skip_slow: bool = False):
+        self.root, self.commands, self.skip_slow = root, commands, skip_slow
         self.results: dict[Command, Result] = {}
         self.by_words: dict[tuple[str, ...], Result] = {}
         self.next = 0
@@ -178,34 +179,27 @@ class Sandbox:
         while self.next < len(self.commands) and target not in self.results:
             cmd = self.commands[self.next]
             self.next += 1
-            text = runnable(cmd.text)
-            if text is None:
-                continue
-            words = tuple(shlex.split(text))
-            if words in self.by_words:  # the same command, already run in this folder
-                self.results[cmd] = self.by_words[words]
-                continue
-            started = time.perf_counter()
-            proc = subprocess.run(["bash", "-c", text], cwd=self.root, env=self.env,
-                                  capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-            self.results[cmd] = self.by_words[words] = Result(text, proc.returncode, proc.stdout + proc.stderr,
-                                                              time.perf_counter() - started)
+            if self.skip_slow and cmd in SLOW and cmd != target:
+                continue  # deselected, and so is every command that reads its output
+            self._run(cmd)
         return self.results.get(target)
+
+    def _run(self, cmd: Command) -> None:
+        text = runnable(cmd.text)
+        if text is None:
+            return
+        words = tuple(shlex.split(text))
+        if words in self.by_words:  # the same command, already run in this folder
+            self.results[cmd] = self.by_words[words]
+            return
+        started = time.perf_counter()
+        proc = subprocess.run(["bash", "-c", text], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        self.results[cmd] = self.by_words[words] = Result(text, proc.returncode, proc.stdout + proc.stderr,
+                                                          time.perf_counter() - started)
 
 
 COMMANDS = all_commands()
-
-
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory) -> Sandbox:
-    return Sandbox(tmp_path_factory.mktemp("docs_sandbox"), COMMANDS)
-
-
-PREPARE_FILES = ["train.json", "val.json", "dataset_info.json", "taxonomy.json", "val.csv", "rejects.csv",
-                 "report.json", "prepare_meta.json"]
-SUBMISSION_COLUMNS = ["id", "Category", "len", *(f"attr_{i}" for i in range(1, 11))]
-# Overrides the docs test appends itself (see the module docstring): their documented value is not checked.
-SUBSTITUTED = {a.split("=")[0] for a in SFT_ALWAYS + SFT_GPU_RECIPE} | {"model"}
 
 
 def _option(tokens: list[str], flag: str) -> str | None:
@@ -215,6 +209,44 @@ def _option(tokens: list[str], flag: str) -> str | None:
         if tok.startswith(flag + "="):
             return tok.split("=", 1)[1]
     return None
+
+
+def _writes(tokens: list[str]) -> str | None:
+    return _option(tokens, "--out") or next((t.split("=", 1)[1] for t in tokens if t.startswith("output_dir=")), None)
+
+
+def slow_commands(commands: list[Command]) -> set[Command]:
+    """Commands marked slow: multi-process training, the real-model walk-throughs (a GPU recipe or
+    models/<name>, which repeat the tiny model's path with a stand-in), and every command that reads
+    what a slow one wrote. `-m "not slow"` leaves them all out, so no fast command depends on one."""
+    slow: set[Command] = set()
+    written: set[str] = set()
+    for cmd in commands:
+        tokens = shlex.split(cmd.text)
+        values = [t.split("=", 1)[-1] for t in tokens]
+        if ("--num-processes" in tokens or tokens[:2] == ["accelerate", "launch"] or MODELS.search(cmd.text)
+                or any(re.fullmatch(r"recipes/qwen[\w.-]*\.yaml", v) for v in values)
+                or any(v == w or v.startswith(w + "/") for v in values for w in written)):
+            slow.add(cmd)
+            if _writes(tokens):
+                written.add(_writes(tokens))
+    return slow
+
+
+SLOW = slow_commands(COMMANDS)
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory, request) -> Sandbox:
+    skip_slow = "not slow" in (request.config.getoption("markexpr") or "")
+    return Sandbox(tmp_path_factory.mktemp("docs_sandbox"), COMMANDS, skip_slow)
+
+
+PREPARE_FILES = ["train.json", "val.json", "dataset_info.json", "taxonomy.json", "val.csv", "rejects.csv",
+                 "report.json", "prepare_meta.json"]
+SUBMISSION_COLUMNS = ["id", "Category", "len", *(f"attr_{i}" for i in range(1, 11))]
+# Overrides the docs test appends itself (see the module docstring): their documented value is not checked.
+SUBSTITUTED = {a.split("=")[0] for a in SFT_ALWAYS + SFT_GPU_RECIPE} | {"model"}
 
 
 def _dotted(data: dict, key: str):
@@ -288,7 +320,8 @@ def effect_problems(text: str, root: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
+@pytest.mark.parametrize("cmd", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in COMMANDS],
+                         ids=[c.id for c in COMMANDS])
 def test_documented_command_runs(cmd: Command, sandbox: Sandbox):
     if runnable(cmd.text) is None:
         pytest.skip(f"not run by the docs test (see the module docstring): {cmd.text}")
@@ -406,3 +439,22 @@ def test_links_between_docs_resolve():
                 if anchor not in slugs:
                     broken.append(f"{path.name}: {target}#{anchor}")
     assert not broken, f"broken links: {broken}"
+
+
+def test_effect_checks_catch_a_missing_file_and_a_lost_override(tmp_path):
+    assert "data/train.json was not written" in effect_problems("vlmtax prepare --csv c.csv --out data", tmp_path)
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text("lora: {rank: 16}\n")
+    problems = effect_problems("vlmtax sft recipes/tiny_cpu.yaml output_dir=runs/x lora.rank=8", tmp_path)
+    assert any("lora.rank=8 but the run's recipe.yaml has 16" in p for p in problems)
+    assert "runs/x/vlmtax_meta.json was not written" in problems
+
+
+def test_slow_commands_take_their_readers_with_them():
+    cmds = [Command(README, i, t) for i, t in enumerate([
+        "vlmtax sft recipes/qwen2vl_2b.yaml data=data output_dir=runs/big",
+        "vlmtax merge runs/big --out merged-big",
+        "vlmtax predict --model merged-big --csv a.csv --images i --out p.csv",
+        "vlmtax merge runs/tiny --out merged"])]
+    assert slow_commands(cmds) == set(cmds[:3])
