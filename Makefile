@@ -1,13 +1,14 @@
 # Two entry points that work on a fresh machine (no GPU, no model hub):
 #   make demo   set up .venv, then run the whole pipeline on the synthetic catalogue and tiny model
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then run the test suite (what CI runs: every test)
+#   make test-fast   the same without the tests marked slow (the inner loop, a few minutes)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) bench/prepare.py

@@ -22,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
 
 
 class Format(str, enum.Enum):
@@ -34,6 +33,11 @@ class Missing(str, enum.Enum):
     mode = "mode"
     mask = "mask"
     skip = "skip"
+
+
+class VerifyImages(str, enum.Enum):
+    fast = "fast"
+    full = "full"
 
 
 class DType(str, enum.Enum):
@@ -50,7 +54,7 @@ class Mode(str, enum.Enum):
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    _state["debug"] = debug
+    """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
 
 
 @app.command()
@@ -95,7 +99,10 @@ def prepare(
     strict: Annotated[bool, typer.Option(help="Any rejected row is an error.")] = False,
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores, at most 8).")] = None,
+    verify_images: Annotated[VerifyImages, typer.Option(
+        help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
+    image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -104,7 +111,7 @@ def prepare(
         csv=csv, images=images, attributes=attributes, out=out, format=format.value, missing=missing.value,
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
-        remaps=remap or [], workers=workers,
+        remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "
@@ -167,11 +174,12 @@ def score(
     taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metric as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG with per-attribute bars.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Training CSV whose modes make the constant baseline.")] = None,
 ) -> None:
     """Score a submission with the competition metric, per category and per attribute."""
     from vlmtax.score import score as run
 
-    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot)
+    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot, baseline=baseline)
 
 
 @app.command()

@@ -60,6 +60,8 @@ class Train(_Strict):
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
+    # Passed to TRL's SFTConfig as they are (checked in trainer_extra.py): optim, report_to, torch_compile, ...
+    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 class Log(_Strict):
@@ -146,7 +148,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise VlmtaxError(f"recipe {path} is not valid YAML{where}", "fix the YAML syntax") from None
     if not isinstance(data, dict):
         raise VlmtaxError(f"recipe {path} is not a mapping of keys", "see recipes/ for examples")
-    return _validate(apply_overrides(data, overrides or []), str(path))
+    recipe = _validate(apply_overrides(data, overrides or []), str(path))
+    if recipe.train.extra:
+        from vlmtax.trainer_extra import check_extra  # imports TRL: only when there is something to check
+
+        check_extra(recipe, str(path))
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

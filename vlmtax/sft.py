@@ -23,7 +23,8 @@ from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
 LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_LINEAR = ("qkv", "proj", "fc1", "fc2")
+# Vision-block MLPs: fc1/fc2 in Qwen2-VL, gate/up/down_proj in Qwen2.5-VL.
+VISION_LINEAR = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
