@@ -22,8 +22,17 @@ from rich.markup import escape
 from rich.table import Table
 
 import vlmtax
-from vlmtax.decision import AttrData, bootstrap_share, combine, decide, ece, fit_temperature, score_attr, \
-    score_table, simplex_grid
+from vlmtax.decision import (
+    AttrData,
+    bootstrap_share,
+    combine,
+    decide,
+    ece,
+    fit_temperature,
+    score_attr,
+    score_table,
+    simplex_grid,
+)
 from vlmtax.ensemble import DECISION_KIND, Rule, apply_rule, load_inputs
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import file_sha256, read_csv, write_json
