@@ -255,3 +255,25 @@ def print_table(decision: dict[str, Any], console: Console) -> None:
                   f"cv {_f(sc['cv_tuned'])}[/]; single models {singles}; temperatures "
                   + ", ".join(f"{m['temperature']:.3f}" for m in decision["models"])
                   + f"; ECE {e['before']:.4f} -> {e['after']:.4f}")
+
+
+def tune_and_ensemble(val_probs: list[str | Path], test_probs: list[str | Path], val_truth: str | Path,
+                      taxonomy: str | Path, out_dir: str | Path, test_truth: str | Path | None = None,
+                      settings: Settings | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Tune on the validation probabilities, apply the decision to the test probabilities (the demo's last
+    step); with `test_truth`, also score the ensemble's submission. Writes decision.json, ensemble.csv
+    and ensemble.probs.jsonl into `out_dir`."""
+    from vlmtax.ensemble import ensemble
+
+    out_dir = Path(out_dir)
+    decision = tune(val_probs, val_truth, out_dir / "decision.json", taxonomy, settings, console)
+    submission = out_dir / "ensemble.csv"
+    ensemble(test_probs, submission, decision=out_dir / "decision.json", probs_out=out_dir / "ensemble.probs.jsonl",
+             taxonomy=taxonomy)
+    result: dict[str, Any] = {"decision": str(out_dir / "decision.json"), "submission": str(submission),
+                              "val": decision["scores"], "score": None}
+    if test_truth is not None:
+        truth = read_csv(test_truth, "test truth CSV", ["id", "Category"])
+        pred = read_csv(submission, "ensemble submission", ["id", "Category"])
+        result["score"] = compute_metric(truth, pred, Taxonomy.load(taxonomy)).final
+    return result
