@@ -5,8 +5,8 @@ Stages (each kept when its output exists, so a rerun only redoes what is missing
 synth -> tiny-model -> prepare (val split) -> sft x 2 seeds (recipes/tiny_cpu.yaml) -> predict --probs on
 val and test for each run -> tune on val -> ensemble on test -> score every submission on the test labels.
 
-    python bench/ensemble.py [--workdir bench/_work/ensemble] [--rows 3000] [--test-rows 600]
-                             [--val-fraction 0.25] [--epochs 12] [--seeds 1,2]
+    OMP_NUM_THREADS=1 python bench/ensemble.py [--workdir bench/_work/ensemble] [--rows 1200] [--test-rows 400]
+                             [--val-fraction 0.3] [--epochs 8] [--max-steps N] [--seeds 1,2]
 
 Prints the per-attribute table of the decision (in-sample and cross-validated on val) and the test
 scores of each single model, their plain average and the tuned ensemble, plus per-attribute test
@@ -70,10 +70,10 @@ def build_runs(work: Path, rows: int, test_rows: int, val_fraction: float, epoch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / "_work" / "ensemble"))
-    ap.add_argument("--rows", type=int, default=3000)
-    ap.add_argument("--test-rows", type=int, default=600)
-    ap.add_argument("--val-fraction", type=float, default=0.25)
-    ap.add_argument("--epochs", type=float, default=12)
+    ap.add_argument("--rows", type=int, default=1200)
+    ap.add_argument("--test-rows", type=int, default=400)
+    ap.add_argument("--val-fraction", type=float, default=0.3)
+    ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--max-steps", type=int, default=None, help="cap the training steps of each run")
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--runs-only", action="store_true", help="stop after the probabilities are written")

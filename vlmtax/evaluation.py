@@ -101,6 +101,11 @@ class MetricCallback(TrainerCallback):
         self.out_dir, self.log, self.is_main = out_dir, log, is_main
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
+        self.started: float | None = None
+        self.training_seconds: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
     def score(self, model: Any) -> tuple[MetricResult, pd.DataFrame]:
         was_training = model.training
@@ -134,9 +139,12 @@ class MetricCallback(TrainerCallback):
         best = max(self.history, key=lambda h: h["score"])  # first of equal scores, as the Trainer keeps it
         return {"best_score": best["score"], "best_step": best["step"], "best_attributes": best["attributes"],
                 "rows": len(self.rows), "seconds": round(self.seconds, 2),
+                "training_seconds": None if self.training_seconds is None else round(self.training_seconds, 2),
                 "history": [{"step": h["step"], "score": h["score"]} for h in self.history]}
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.started is not None:  # evaluations included: their share is seconds / training_seconds
+            self.training_seconds = time.perf_counter() - self.started
         if self.history and self.is_main():
             print_table(self.summary(), self.history[-1])
 
