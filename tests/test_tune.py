@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,7 @@ def test_each_error_is_one_line(tmp_path, case, message):
     rows = [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]]
     a = _probs(tmp_path / "a.jsonl", rows)
     b = _probs(tmp_path / "b.jsonl", rows)
-    args = [str(a), str(b), "--out", str(tmp_path / "s.csv"), "--taxonomy", str(tax)]
+    kw = {"taxonomy": tax}
     if case == "ids":
         _probs(b, rows[:1])
     elif case == "category":
@@ -169,13 +170,24 @@ def test_each_error_is_one_line(tmp_path, case, message):
     elif case == "values":
         _probs(b, [[0.5, 0.3, 0.2]] * 2, values=["red", "blue", "black"])
     elif case == "weights":
-        args += ["--weights", "1"]
+        kw["weights"] = "1"
     elif case == "decision":
         tune([a], _truth(tmp_path / "t.csv", ["red", "blue"]), tmp_path / "d.json", tax, Settings(folds=0))
-        args += ["--decision", str(tmp_path / "d.json")]
-    proc = subprocess.run([sys.executable, "-m", "vlmtax", "ensemble", *args], capture_output=True, text=True)
+        kw["decision"] = tmp_path / "d.json"
+    with pytest.raises(VlmtaxError, match=re.escape(message)) as err:
+        ensemble([a, b], tmp_path / "s.csv", **kw)
+    assert "\n" not in str(err.value) and err.value.fix
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    tax = _taxonomy(tmp_path, {"red": 3, "blue": 2, "green": 1})
+    a = _probs(tmp_path / "a.jsonl", [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    b = _probs(tmp_path / "b.jsonl", [[0.6, 0.3, 0.1]])
+    proc = subprocess.run([sys.executable, "-m", "vlmtax", "ensemble", str(a), str(b), "--out",
+                           str(tmp_path / "s.csv"), "--taxonomy", str(tax)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cover different rows" in proc.stderr, proc.stderr
     assert not (tmp_path / "s.csv").exists()
 
 
