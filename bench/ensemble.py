@@ -11,6 +11,8 @@ val and test for each run -> tune on val -> ensemble on test -> score every subm
 Prints the per-attribute table of the decision (in-sample and cross-validated on val) and the test
 scores of each single model, their plain average and the tuned ensemble, plus per-attribute test
 macro-F1 of argmax vs the tuned rule where tau > 0 was chosen (docs/ensembling.md quotes this output).
+`--eval-cost` instead trains one more run with train.eval_metric on and prints the evaluations' share
+of its training time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -67,6 +70,25 @@ def build_runs(work: Path, rows: int, test_rows: int, val_fraction: float, epoch
     return out
 
 
+def eval_cost(work: Path, epochs: float, eval_rows: int) -> dict:
+    """train.eval_metric's cost: one run of the same recipe with the metric at each epoch; its decoding
+    seconds against the whole training time (evaluations included), as vlmtax_meta.json records them."""
+    from vlmtax.sft import sft
+
+    run = work / f"run-evalcost-{eval_rows}"
+    if not (run / "vlmtax_meta.json").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        sft(RECIPE, [f"model={work / 'tiny-model'}", f"data={work / 'data'}", f"output_dir={run}",
+                     f"train.epochs={epochs}", "train.eval_metric=true", f"train.eval_rows={eval_rows}",
+                     "train.best_by=score"])
+    meta = json.loads((run / "vlmtax_meta.json").read_text())["eval_metric"]
+    share = meta["seconds"] / meta["training_seconds"]
+    print(f"eval_metric cost: {len(meta['history'])} evaluations of {meta['rows']} rows took {meta['seconds']:.1f} s "
+          f"of {meta['training_seconds']:.1f} s training ({100 * share:.1f}%); best {meta['best_score']:.4f} at step "
+          f"{meta['best_step']}")
+    return {**meta, "share": share}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / "_work" / "ensemble"))
@@ -77,10 +99,16 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="cap the training steps of each run")
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--runs-only", action="store_true", help="stop after the probabilities are written")
+    ap.add_argument("--eval-cost", action="store_true", help="measure train.eval_metric's share of training time")
+    ap.add_argument("--eval-cost-epochs", type=float, default=3)
+    ap.add_argument("--eval-cost-rows", type=int, default=120)
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = build_runs(work, args.rows, args.test_rows, args.val_fraction, args.epochs, seeds, args.max_steps)
+    if args.eval_cost:
+        eval_cost(work, args.eval_cost_epochs, args.eval_cost_rows)
+        return
     if args.runs_only:
         print(json.dumps({s: {k: str(v) for k, v in f.items()} for s, f in runs.items()}, indent=2))
         return
