@@ -176,7 +176,8 @@ def score(
 
 @app.command()
 def tune(
-    probs: Annotated[list[Path], typer.Argument(help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl...")],
+    probs: Annotated[list[Path], typer.Argument(
+        help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
     truth: Annotated[Path, typer.Option(help="Validation truth CSV (prepare writes val.csv).")],
     out: Annotated[Path, typer.Option(help="decision.json to write.")],
     taxonomy: Annotated[Path, typer.Option(help="The runs' taxonomy.json (priors, modes, filler).")],
@@ -205,7 +206,8 @@ def tune(
 
 @app.command()
 def ensemble(
-    probs: Annotated[list[Path], typer.Argument(help="Test probabilities (predict --probs), one per model.", metavar="PROBS.jsonl...")],
+    probs: Annotated[list[Path], typer.Argument(
+        help="Test probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
     decision: Annotated[Path | None, typer.Option(help="decision.json from `vlmtax tune`.")] = None,
     weights: Annotated[str | None, typer.Option(help="Plain weights, one per file, e.g. 0.6,0.4.")] = None,
