@@ -183,6 +183,52 @@ def score(
 
 
 @app.command()
+def tune(
+    probs: Annotated[list[Path], typer.Argument(
+        help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
+    truth: Annotated[Path, typer.Option(help="Validation truth CSV (prepare writes val.csv).")],
+    out: Annotated[Path, typer.Option(help="decision.json to write.")],
+    taxonomy: Annotated[Path, typer.Option(help="The runs' taxonomy.json (priors, modes, filler).")],
+    weights_by: Annotated[str, typer.Option(help="global: one weight set; attribute: one per attribute.")] = "global",
+    weight_step: Annotated[float, typer.Option(help="Simplex grid step of the ensemble weights.")] = 0.1,
+    taus: Annotated[str, typer.Option(help="Prior-correction exponents to try (0 = argmax).")] = (
+        ",".join(map(str, [round(0.1 * i, 1) for i in range(11)]))),
+    temperature: Annotated[bool, typer.Option(help="Fit a temperature per model on validation log-loss.")] = True,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-sample estimate (0: none).")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="Resamples for the tau noise rule.")] = 200,
+    min_share: Annotated[float, typer.Option(help="Keep tau > 0 only if it wins this share of resamples.")] = 0.9,
+    seed: int = 0,
+) -> None:
+    """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
+    from vlmtax.tune import Settings
+    from vlmtax.tune import tune as run
+
+    try:
+        tau_list = tuple(float(t) for t in taus.split(","))
+    except ValueError:
+        raise VlmtaxError(f"--taus {taus!r} is not a comma-separated list of numbers", "e.g. --taus 0,0.5,1") from None
+    run(probs, truth=truth, out=out, taxonomy=taxonomy, settings=Settings(
+        weights_by=weights_by, weight_step=weight_step, taus=tau_list, temperature=temperature, folds=folds,
+        bootstrap=bootstrap, min_share=min_share, seed=seed))
+
+
+@app.command()
+def ensemble(
+    probs: Annotated[list[Path], typer.Argument(
+        help="Test probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
+    decision: Annotated[Path | None, typer.Option(help="decision.json from `vlmtax tune`.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Plain weights, one per file, e.g. 0.6,0.4.")] = None,
+    probs_out: Annotated[Path | None, typer.Option("--probs", help="Write the combined probabilities.")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="The runs' taxonomy.json (default: the decision's).")] = None,
+) -> None:
+    """Combine the probabilities of one or more runs into a submission CSV."""
+    from vlmtax.ensemble import ensemble as run
+
+    run(probs, out=out, decision=decision, weights=weights, probs_out=probs_out, taxonomy=taxonomy)
+
+
+@app.command()
 def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes.")] = Path("demo_work")) -> None:
     """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU."""
     from vlmtax.demo import demo as run

@@ -57,6 +57,12 @@ class Train(_Strict):
     # with random batches, same steps and speed).
     group_by_length: bool = False
     eval: bool = True  # evaluation loss on val.json every epoch
+    # The official metric on val.csv at each evaluation (decoded by the run's own predict path), a fixed
+    # stratified sample of eval_rows rows (null: all); best_by keeps the best checkpoint, patience stops early.
+    eval_metric: bool = False
+    eval_rows: int | None = Field(None, ge=1)
+    best_by: Literal["score", "loss"] | None = None
+    patience: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)

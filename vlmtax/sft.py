@@ -230,4 +230,5 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
         final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        history=history))
+        history=history, eval_metric=callback.summary() if (callback := getattr(trainer, "metric_callback", None))
+        else None))

@@ -11,6 +11,8 @@ from trl import SFTConfig, SFTTrainer
 
 from vlmtax.collator import IGNORE, Collator, load_records, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.evaluation import attach as attach_metric
+from vlmtax.evaluation import eval_args
 from vlmtax.recipe import Recipe
 from vlmtax.taxonomy import Taxonomy
 from vlmtax.trainer_extra import extra_args, report_to
@@ -79,7 +81,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         fp16=precision == "fp16",
         logging_steps=recipe.log.every,
         report_to=report_to(recipe),
-        eval_strategy="epoch" if has_eval and t.eval else "no",
+        **eval_args(recipe, has_eval),
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; warns on the CPU
@@ -140,4 +142,5 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     trainer.precision = precision
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
+    trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
     return trainer
