@@ -1,6 +1,7 @@
 # Two entry points that work on a fresh machine (no GPU, no model hub):
 #   make demo   set up .venv, then run the whole pipeline on the synthetic catalogue and tiny model
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then run the test suite (what CI runs: every test)
+#   make test-fast   the same without the tests marked slow (the inner loop, a few minutes)
 #   make gpu-check  the GPU paths (fp16, bf16, 4-bit QLoRA, liger) on the tiny model; skips without CUDA
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) bench/prepare.py

@@ -22,6 +22,18 @@ def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]
     return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Image-check caches go to a per-run folder, not the user's ~/.cache."""
+    old = os.environ.get("VLMTAX_CACHE_DIR")
+    os.environ["VLMTAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("VLMTAX_CACHE_DIR", None)
+    else:
+        os.environ["VLMTAX_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from vlmtax.tiny_model import build_tiny_model

@@ -170,6 +170,7 @@ def test_cli_smoke(trained_run_dir, case, tmp_path):
     assert "model folder not found" in errors[0]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_dir, prepared_dir, case, tmp_path):
     """Batch n goes to process n mod 2; process 1 is killed after its first batch; the rerun decodes only what
     is missing and writes files byte-identical to a one-process run."""

@@ -138,7 +138,8 @@ def test_val_csv_is_truth_in_submission_layout(catalogue):
     assert set(truth["id"]) == val_ids
 
 
-def test_every_reject_reason(tmp_path: Path):
+@pytest.mark.parametrize("verify", ["fast", "full"])
+def test_every_reject_reason(tmp_path: Path, verify: str):
     images = tmp_path / "images"
     images.mkdir()
     for i in (1, 2, 3, 4, 5, 9):
@@ -161,7 +162,7 @@ def test_every_reject_reason(tmp_path: Path):
     attrs = tmp_path / "attrs.json"
     attrs.write_text(json.dumps(ATTRS))
     report = prepare(csv=_csv(tmp_path / "t.csv", rows), images=images, attributes=attrs, out=tmp_path / "out",
-                     val_fraction=0.0)
+                     val_fraction=0.0, verify_images=verify)
     rejects = pd.read_csv(tmp_path / "out" / "rejects.csv", dtype=str)
     got = dict(zip(rejects["reason"], rejects["id"]))
     assert report["per_reason"] == {"duplicate_id": 1, "unknown_category": 1, "len_mismatch": 1,
@@ -169,6 +170,7 @@ def test_every_reject_reason(tmp_path: Path):
     assert got["unknown_category"] == "2" and got["len_mismatch"] == "3" and got["image_outside_folder"] == "9"
     assert sorted(rejects[rejects["reason"] == "unreadable_image"]["id"]) == ["6", "7"]
     assert report["train_records"] == 1
+    assert json.loads((tmp_path / "out" / "prepare_meta.json").read_text())["verify_images"] == verify
 
     with pytest.raises(VlmtaxError, match="--strict"):
         prepare(csv=tmp_path / "t.csv", images=images, attributes=attrs, out=tmp_path / "strict", strict=True)
@@ -222,6 +224,15 @@ def test_file_problems_are_errors_without_partial_output(catalogue, tmp_path: Pa
     with pytest.raises(VlmtaxError, match="cannot read"):
         prepare(csv=catalogue["csv"], images=catalogue["images"], attributes=broken, out=tmp_path / "o3")
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_every_row_rejected_counts_the_reasons(catalogue, tmp_path: Path):
+    empty_images = tmp_path / "no_images"
+    empty_images.mkdir()
+    n_rows = len(pd.read_csv(catalogue["csv"]))
+    with pytest.raises(VlmtaxError, match=rf"every row was rejected \(missing_image: {n_rows}\)"):
+        prepare(csv=catalogue["csv"], images=empty_images, attributes=catalogue["attributes"], out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):

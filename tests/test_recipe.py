@@ -99,6 +99,9 @@ def test_lora_targets_never_hit_vision_blocks_unless_unfrozen():
     assert not re.fullmatch(frozen, vis) and not re.fullmatch(frozen, merger) and not re.fullmatch(frozen, "lm_head")
     open_ = lora_target_regex(_recipe(freeze={"vision": False}))
     assert re.fullmatch(open_, vis) and re.fullmatch(open_, "model.visual.blocks.1.mlp.fc2")
+    for qwen25 in ("gate_proj", "up_proj", "down_proj"):  # Qwen2.5-VL's vision MLP
+        assert re.fullmatch(open_, f"model.visual.blocks.3.mlp.{qwen25}")
+        assert not re.fullmatch(frozen, f"model.visual.blocks.3.mlp.{qwen25}")
     only_q = lora_target_regex(_recipe(lora={"target": ["q_proj"]}))
     assert re.fullmatch(only_q, lang) and not re.fullmatch(only_q, mlp)
 

@@ -61,7 +61,9 @@ def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_
     assert loraplus_optimizer(model, recipe.model_copy(update={"finetuning": "full"})) is None
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml"])
+# The GPU recipes differ from tiny_cpu only in values: slow-marked, so the inner loop trains once here.
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", *(pytest.param(n, marks=pytest.mark.slow) for n in (
+    "qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml"))])
 def test_each_recipe_runs_two_steps_on_the_cpu(name, tiny_model_dir, prepared_dir, tmp_path):
     """Recipes for GPUs run here with their GPU-only features (liger, 4-bit) switched off."""
     extra = ["train.max_steps=2", "train.eval=false", "train.batch_size=2", "train.grad_accum=1",
@@ -106,6 +108,7 @@ def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
@@ -119,6 +122,7 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     assert meta["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_model_dir, prepared_dir, tmp_path):
     """Rank 1 alone sees a NaN loss; both ranks must stop with one same error instead of rank 0 hanging."""
     root = Path(__file__).resolve().parents[1]

@@ -16,8 +16,9 @@ from vlmtax.tiny_model import SPECIAL_TOKENS, build_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+def tiny_dir(tiny_model_dir):
+    """The session's tiny model (conftest, seed 0): these tests only read it, so it is built once per run."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")

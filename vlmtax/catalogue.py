@@ -1,23 +1,24 @@
-"""Reading a catalogue: the category-attribute file, image paths (confined to their folder), image checks."""
+"""Reading a catalogue: the category-attribute file and image paths (confined to their folder).
+
+The image checks themselves live in imagecheck.py."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
-from PIL import Image, UnidentifiedImageError
 
-from vlmtax.errors import VlmtaxError
-from vlmtax.progress import progress_iter
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.taxonomy import N_SLOTS, Remap
 
 DEFAULT_IMAGE_PATTERN = "{id:06d}.jpg"
+# Columns of a rejects CSV (prepare's rejects.csv, predict's <out>.rejects.csv).
+REJECT_COLUMNS = ["id", "Category", "reason", "detail"]
 
 
 @dataclass
@@ -58,8 +59,8 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
     except VlmtaxError:
         raise
     except Exception as exc:  # parquet/json/yaml parsers raise many types; all mean "unreadable"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VlmtaxError(f"cannot read category-attribute file {path}: {first}", "check the file's format") from None
+        raise VlmtaxError(f"cannot read category-attribute file {path}: {first_line(exc)}",
+                          "check the file's format") from None
 
     if isinstance(data, dict) and "categories" in data:
         remaps = [Remap.parse(r) if isinstance(r, str) else Remap.model_validate(r) for r in data.get("remaps") or []]
@@ -116,28 +117,3 @@ def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tupl
     if os.path.commonpath([root, candidate]) != root or candidate == root:
         return None, "image_outside_folder"
     return Path(candidate), None
-
-
-def check_image(path: str) -> tuple[str | None, int, int]:
-    """Fully decode an image (catches truncation); returns (reject reason or None, width, height)."""
-    if not os.path.isfile(path):
-        return "missing_image", 0, 0
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "unreadable_image", 0, 0
-    return None, width, height
-
-
-def check_images(paths: list[str], workers: int | None = None, desc: str = "checking images") -> list[tuple]:
-    """Decode every image in parallel worker processes, with a progress bar."""
-    if not paths:
-        return []
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers <= 1 or len(paths) < 64:
-        return list(progress_iter(map(check_image, paths), total=len(paths), desc=desc))
-    chunk = max(16, len(paths) // (workers * 16))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress_iter(pool.map(check_image, paths, chunksize=chunk), total=len(paths), desc=desc))

@@ -22,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
 
 
 class Format(str, enum.Enum):
@@ -34,6 +33,11 @@ class Missing(str, enum.Enum):
     mode = "mode"
     mask = "mask"
     skip = "skip"
+
+
+class VerifyImages(str, enum.Enum):
+    fast = "fast"
+    full = "full"
 
 
 class DType(str, enum.Enum):
@@ -50,7 +54,7 @@ class Mode(str, enum.Enum):
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    _state["debug"] = debug
+    """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
 
 
 @app.command()
@@ -99,7 +103,10 @@ def prepare(
     strict: Annotated[bool, typer.Option(help="Any rejected row is an error.")] = False,
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores, at most 8).")] = None,
+    verify_images: Annotated[VerifyImages, typer.Option(
+        help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
+    image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -108,7 +115,7 @@ def prepare(
         csv=csv, images=images, attributes=attributes, out=out, format=format.value, missing=missing.value,
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
-        remaps=remap or [], workers=workers,
+        remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "
@@ -175,11 +182,58 @@ def score(
     taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metric as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG with per-attribute bars.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Training CSV whose modes make the constant baseline.")] = None,
 ) -> None:
     """Score a submission with the competition metric, per category and per attribute."""
     from vlmtax.score import score as run
 
-    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot)
+    run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot, baseline=baseline)
+
+
+@app.command()
+def tune(
+    probs: Annotated[list[Path], typer.Argument(
+        help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
+    truth: Annotated[Path, typer.Option(help="Validation truth CSV (prepare writes val.csv).")],
+    out: Annotated[Path, typer.Option(help="decision.json to write.")],
+    taxonomy: Annotated[Path, typer.Option(help="The runs' taxonomy.json (priors, modes, filler).")],
+    weights_by: Annotated[str, typer.Option(help="global: one weight set; attribute: one per attribute.")] = "global",
+    weight_step: Annotated[float, typer.Option(help="Simplex grid step of the ensemble weights.")] = 0.1,
+    taus: Annotated[str, typer.Option(help="Prior-correction exponents to try (0 = argmax).")] = (
+        ",".join(map(str, [round(0.1 * i, 1) for i in range(11)]))),
+    temperature: Annotated[bool, typer.Option(help="Fit a temperature per model on validation log-loss.")] = True,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-sample estimate (0: none).")] = 5,
+    bootstrap: Annotated[int, typer.Option(help="Resamples for the tau noise rule.")] = 200,
+    min_share: Annotated[float, typer.Option(help="Keep tau > 0 only if it wins this share of resamples.")] = 0.9,
+    seed: int = 0,
+) -> None:
+    """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
+    from vlmtax.tune import Settings
+    from vlmtax.tune import tune as run
+
+    try:
+        tau_list = tuple(float(t) for t in taus.split(","))
+    except ValueError:
+        raise VlmtaxError(f"--taus {taus!r} is not a comma-separated list of numbers", "e.g. --taus 0,0.5,1") from None
+    run(probs, truth=truth, out=out, taxonomy=taxonomy, settings=Settings(
+        weights_by=weights_by, weight_step=weight_step, taus=tau_list, temperature=temperature, folds=folds,
+        bootstrap=bootstrap, min_share=min_share, seed=seed))
+
+
+@app.command()
+def ensemble(
+    probs: Annotated[list[Path], typer.Argument(
+        help="Test probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
+    decision: Annotated[Path | None, typer.Option(help="decision.json from `vlmtax tune`.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Plain weights, one per file, e.g. 0.6,0.4.")] = None,
+    probs_out: Annotated[Path | None, typer.Option("--probs", help="Write the combined probabilities.")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="The runs' taxonomy.json (default: the decision's).")] = None,
+) -> None:
+    """Combine the probabilities of one or more runs into a submission CSV."""
+    from vlmtax.ensemble import ensemble as run
+
+    run(probs, out=out, decision=decision, weights=weights, probs_out=probs_out, taxonomy=taxonomy)
 
 
 @app.command()

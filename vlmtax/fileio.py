@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 
 
 @contextlib.contextmanager
@@ -58,9 +58,10 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically. indent=None for large files: json's C encoder only runs without an indent."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
@@ -88,8 +89,8 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise VlmtaxError(f"{what} {path} is empty", "pass a CSV with a header and at least one row") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VlmtaxError(f"{what} {path} cannot be parsed: {msg}", "check that it is a comma-separated CSV") from None
+        raise VlmtaxError(f"{what} {path} cannot be parsed: {first_line(exc)}",
+                          "check that it is a comma-separated CSV") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise VlmtaxError(

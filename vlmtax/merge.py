@@ -25,7 +25,7 @@ from vlmtax.answer import answer_segments, render_prompt
 from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.collator import load_image, record_prompt_answer, record_values
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_dir
+from vlmtax.fileio import atomic_dir, write_json
 from vlmtax.loading import (
     DTYPES,
     TAXONOMY_FILE,
@@ -145,7 +145,7 @@ def save_merged(model: Any, processor: Any, taxonomy: Taxonomy, model_dir: Model
         if (root / "recipe.yaml").is_file():
             shutil.copyfile(root / "recipe.yaml", folder / "recipe.yaml")
             break
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(folder / META_FILE, meta)
 
 
 def verify(v: Verification, stage: str) -> None:
@@ -205,7 +205,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto", device: str
         check.reloaded_vs_adapter = _max_diff(reloaded, adapter)
         verify(check, "reloaded")
         meta["verification"] = asdict(check)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(tmp / META_FILE, meta)
     print(f"verified on {source} ({name}): max |logit diff| merged vs adapter {check.merged_vs_adapter:.3g}, "
           f"reloaded vs adapter {check.reloaded_vs_adapter:.3g} (tolerance {tolerance:.3g}); "
           f"base vs adapter {check.base_vs_adapter:.3g} (the adapter changes the model)", flush=True)

@@ -25,14 +25,13 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, image_path
+from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, image_path
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_path, file_sha256, read_csv, write_csv
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
 MODES = ("constrained", "free")
-REJECT_COLUMNS = ["id", "Category", "reason", "detail"]
 
 
 @dataclass

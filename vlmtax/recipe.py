@@ -57,9 +57,17 @@ class Train(_Strict):
     # with random batches, same steps and speed).
     group_by_length: bool = False
     eval: bool = True  # evaluation loss on val.json every epoch
+    # The official metric on val.csv at each evaluation (decoded by the run's own predict path), a fixed
+    # stratified sample of eval_rows rows (null: all); best_by keeps the best checkpoint, patience stops early.
+    eval_metric: bool = False
+    eval_rows: int | None = Field(None, ge=1)
+    best_by: Literal["score", "loss"] | None = None
+    patience: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
+    # Passed to TRL's SFTConfig as they are (checked in trainer_extra.py): optim, report_to, torch_compile, ...
+    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 class Log(_Strict):
@@ -146,7 +154,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise VlmtaxError(f"recipe {path} is not valid YAML{where}", "fix the YAML syntax") from None
     if not isinstance(data, dict):
         raise VlmtaxError(f"recipe {path} is not a mapping of keys", "see recipes/ for examples")
-    return _validate(apply_overrides(data, overrides or []), str(path))
+    recipe = _validate(apply_overrides(data, overrides or []), str(path))
+    if recipe.train.extra:
+        from vlmtax.trainer_extra import check_extra  # imports TRL: only when there is something to check
+
+        check_extra(recipe, str(path))
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

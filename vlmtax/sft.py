@@ -23,7 +23,8 @@ from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
 LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_LINEAR = ("qkv", "proj", "fc1", "fc2")
+# Vision-block MLPs: fc1/fc2 in Qwen2-VL, gate/up/down_proj in Qwen2.5-VL.
+VISION_LINEAR = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -236,4 +237,5 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
         final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        history=history))
+        history=history, eval_metric=callback.summary() if (callback := getattr(trainer, "metric_callback", None))
+        else None))

@@ -10,9 +10,12 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from vlmtax.collator import IGNORE, Collator, load_records, record_lengths
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.evaluation import attach as attach_metric
+from vlmtax.evaluation import eval_args
 from vlmtax.recipe import Recipe
 from vlmtax.taxonomy import Taxonomy
+from vlmtax.trainer_extra import extra_args, report_to
 
 
 class GuardedTrainer(SFTTrainer):
@@ -89,8 +92,8 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         logging_steps=recipe.log.every,
-        report_to=["tensorboard"] if recipe.log.tensorboard else "none",
-        eval_strategy="epoch" if has_eval and t.eval else "no",
+        report_to=report_to(recipe),
+        **eval_args(recipe, has_eval),
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.num_workers,
         use_cpu=not torch.cuda.is_available(),  # launched ranks on a CPU join over gloo only when told so
@@ -103,6 +106,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         max_length=None,  # the collator never truncates; over-long records are errors
         ddp_find_unused_parameters=False if recipe.finetuning == "full" else None,
         **save,
+        **extra_args(recipe),
     )
 
 
@@ -137,7 +141,11 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     train_ds = Dataset.from_dict({"index": list(range(n_train)), "length": lengths[:n_train]})
     eval_ds = Dataset.from_dict({"index": list(range(n_train, len(records))), "length": lengths[n_train:]}) \
         if val_records else None
-    args = training_args(recipe, precision, eval_ds is not None)
+    try:
+        args = training_args(recipe, precision, eval_ds is not None)
+    except (ValueError, TypeError) as exc:  # a train.extra value that SFTConfig refuses
+        raise VlmtaxError(f"SFTConfig refused the training arguments: {first_line(exc)}",
+                          "check the values in train.extra") from None
     optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
         model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length),
@@ -147,4 +155,5 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     trainer.precision = precision
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
+    trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
     return trainer

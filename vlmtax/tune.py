@@ -1,0 +1,279 @@
+"""The tune stage: validation probabilities of one or more runs + truth -> decision.json.
+
+Chooses, on the validation rows, what `vlmtax ensemble` applies to test rows: a temperature per model
+(validation log-loss), ensemble weights on a simplex grid (one set for all attributes or one per
+attribute) and a prior correction `argmax_v p(v|x) / prior(v)^tau` per attribute, all maximising the
+official metric. A tau above 0 is kept only when a paired bootstrap of the validation rows shows its
+gain over tau = 0 in at least `min_share` of the resamples (default 90%); otherwise argmax stays.
+A k-fold estimate (the whole choice refitted without each fold, scored on it) is reported next to the
+in-sample score, so the user sees how much of the gain is overfit.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import vlmtax
+from vlmtax.decision import (
+    AttrData,
+    bootstrap_share,
+    combine,
+    decide,
+    ece,
+    fit_temperature,
+    score_attr,
+    score_table,
+    simplex_grid,
+)
+from vlmtax.ensemble import DECISION_KIND, Rule, apply_rule, load_inputs
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import file_sha256, read_csv, write_json
+from vlmtax.metric import compute_metric
+from vlmtax.probs import ProbsFile, signature, stack
+from vlmtax.taxonomy import Taxonomy, normalise
+
+DEFAULT_TAUS = [round(0.1 * i, 1) for i in range(11)]
+
+
+@dataclass
+class Settings:
+    weights_by: str = "global"  # global | attribute
+    weight_step: float = 0.1
+    taus: tuple[float, ...] = tuple(DEFAULT_TAUS)
+    temperature: bool = True
+    folds: int = 5
+    bootstrap: int = 200
+    min_share: float = 0.9
+    seed: int = 0
+
+
+@dataclass
+class Fit:
+    temperatures: np.ndarray
+    weights: list[np.ndarray]  # per attribute
+    taus: list[float]
+    best_taus: list[float]  # before the noise rule
+    shares: list[float | None]  # bootstrap share of the best tau's win (None: tau 0 was best)
+    global_weights: np.ndarray | None
+
+
+def attr_data(files: list[ProbsFile], truth, taxonomy: Taxonomy) -> list[AttrData]:
+    """Every (category, attribute) with labels in the truth, aligned with the probability files."""
+    ids = truth["id"].fillna("").astype(str).str.strip().tolist()
+    cats = [" ".join(str(c).split()) if isinstance(c, str) else "" for c in truth["Category"]]
+    first = files[0]
+    pos = []
+    for rid, cat in zip(ids, cats):
+        if rid not in first.index:
+            raise VlmtaxError(f"truth id {rid!r} is not in {first.path}",
+                              "predict the models on the same validation CSV as --truth")
+        if first.rows[first.index[rid]].category != cat:
+            raise VlmtaxError(f"truth id {rid!r} has category {cat!r}, {first.path} says "
+                              f"{first.rows[first.index[rid]].category!r}", "pass the matching truth CSV")
+        pos.append(first.index[rid])
+    fill = normalise(taxonomy.filler)
+    out: list[AttrData] = []
+    for cat in taxonomy.categories.values():
+        in_cat = [k for k, c in enumerate(cats) if c == cat.name]
+        for attr in cat.attributes:
+            col = truth[attr.column] if attr.column in truth.columns else None
+            labels = {k: normalise(col.iloc[k]) for k in in_cat} if col is not None else {}
+            labels = {k: v for k, v in labels.items() if v is not None and v != fill}
+            if not labels:
+                continue
+            extra = sorted(set(labels.values()) - set(attr.values))
+            code = {v: i for i, v in enumerate([*attr.values, *extra])}
+            probs, where = stack(files, cat.name, attr.name, attr.values)
+            local = {int(p): j for j, p in enumerate(where)}
+            model_rows = [(local[pos[k]], code[v]) for k, v in labels.items() if pos[k] in local]
+            fixed = [code[v] for k, v in labels.items() if pos[k] not in local]
+            sel = np.array([j for j, _ in model_rows], dtype=int)
+            prior = np.array([attr.counts.get(v, 0) for v in attr.values], float)
+            out.append(AttrData(
+                cat.name, attr.name, attr.column, list(attr.values), prior / prior.sum(),
+                probs[:, sel], np.array([c for _, c in model_rows], dtype=int), np.array(fixed, dtype=int),
+                np.full(len(fixed), attr.values.index(attr.mode), dtype=int), len(code), where[sel]))
+    per_cat: dict[str, int] = {}
+    for a in out:
+        per_cat[a.category] = per_cat.get(a.category, 0) + 1
+    for a in out:
+        a.weight = 1 / len(per_cat) / per_cat[a.category]
+    if not out:
+        raise VlmtaxError("the truth holds no label for any attribute of the taxonomy",
+                          "pass the validation CSV (prepare writes val.csv) as --truth")
+    return out
+
+
+def fit(attrs: list[AttrData], n_models: int, s: Settings, subsets: list[np.ndarray] | None = None) -> Fit:
+    """The decision on the given row subsets (None: all rows)."""
+    sub = subsets or [None] * len(attrs)
+    temps = np.ones(n_models)
+    if s.temperature:
+        temps = np.array([fit_temperature([(a.probs[m] if r is None else a.probs[m][r],
+                                            a.truth if r is None else a.truth[r]) for a, r in zip(attrs, sub)])
+                          for m in range(n_models)])
+    grid = simplex_grid(n_models, s.weight_step)
+    tables = [score_table(a, grid, list(s.taus), temps, r) for a, r in zip(attrs, sub)]
+    if s.weights_by == "global":
+        g = int(np.argmax(sum(a.weight * t.max(axis=1) for a, t in zip(attrs, tables))))
+        picks = [g] * len(attrs)
+    else:
+        picks = [int(np.argmax(t.max(axis=1))) for t in tables]
+    taus, best, shares = [], [], []
+    for a, r, t, w in zip(attrs, sub, tables, picks):
+        j = int(np.argmax(t[w]))
+        share = None
+        if j > 0 and t[w, j] > t[w, 0]:
+            pooled = combine(a.probs if r is None else a.probs[:, r], grid[w], temps)
+            share = bootstrap_share(a, decide(pooled, a.prior, s.taus[j]), decide(pooled, a.prior, 0.0), r,
+                                    s.bootstrap, s.seed)
+        best.append(s.taus[j])
+        shares.append(share)
+        taus.append(s.taus[j] if share is not None and share >= s.min_share else 0.0)
+    return Fit(temps, [grid[w] for w in picks], taus, best, shares,
+               grid[picks[0]] if s.weights_by == "global" else None)
+
+
+def predict_rows(a: AttrData, f: Fit, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+    probs = a.probs if rows is None else a.probs[:, rows]
+    return decide(combine(probs, f.weights[k], f.temperatures), a.prior, f.taus[k])
+
+
+def cross_validate(attrs: list[AttrData], n_models: int, s: Settings) -> list[float]:
+    """Out-of-fold attribute scores: each fold predicted by the decision fitted on the other folds."""
+    rng = np.random.default_rng(s.seed)
+    every = np.unique(np.concatenate([a.rows for a in attrs]))
+    fold_of = dict(zip(every.tolist(), (rng.permutation(len(every)) % s.folds).tolist()))
+    folds = [np.array([fold_of[int(p)] for p in a.rows], dtype=int) for a in attrs]
+    oof = [np.zeros(len(a.truth), dtype=int) for a in attrs]
+    for k in range(s.folds):
+        f = fit(attrs, n_models, s, [np.flatnonzero(fo != k) for fo in folds])
+        for i, (a, fo) in enumerate(zip(attrs, folds)):
+            held = np.flatnonzero(fo == k)
+            oof[i][held] = predict_rows(a, f, i, held)
+    return [score_attr(a, p) for a, p in zip(attrs, oof)]
+
+
+def official(files, tax, truth, rule: Rule) -> float:
+    rows, done = apply_rule(files, tax, rule)
+    from vlmtax.predict import _outputs
+
+    return compute_metric(truth, _outputs(rows, done, tax, False)[0], tax).final
+
+
+def calibration(attrs: list[AttrData], f: Fit, n: int) -> dict[str, Any]:
+    def cells(weights, temps):
+        return [(combine(a.probs, weights(k), temps), a.truth) for k, a in enumerate(attrs)]
+
+    even = np.full(n, 1 / n)
+    models = [{"before": ece(cells(lambda k, m=m: np.eye(n)[m], None)),
+               "after": ece(cells(lambda k, m=m: np.eye(n)[m], f.temperatures))} for m in range(n)]
+    return {"before": ece(cells(lambda k: even, None)), "after": ece(cells(lambda k: f.weights[k], f.temperatures)),
+            "models": models, "bins": 15}
+
+
+def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: str | Path,
+         settings: Settings | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Choose the decision on validation rows; print the per-attribute table; write decision.json."""
+    s = settings or Settings()
+    check_settings(s)
+    files, tax = load_inputs(probs, taxonomy)
+    truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
+    attrs = attr_data(files, truth_df, tax)
+    n = len(files)
+    f = fit(attrs, n, s)
+    cv = cross_validate(attrs, n, s) if s.folds > 1 else [None] * len(attrs)
+    even = np.full(n, 1 / n)
+    rows = []
+    for k, a in enumerate(attrs):
+        rows.append({"category": a.category, "attribute": a.name, "column": a.column, "support": len(a.truth) +
+                     len(a.fixed_truth), "weights": [round(float(w), 4) for w in f.weights[k]], "tau": f.taus[k],
+                     "best_tau": f.best_taus[k], "bootstrap_share": f.shares[k],
+                     "argmax": score_attr(a, decide(combine(a.probs, even), a.prior, 0.0)),
+                     "tuned": score_attr(a, predict_rows(a, f, k)), "cv_tuned": cv[k]})
+    rule = Rule(f.global_weights if f.global_weights is not None else even, f.temperatures,
+                {(a.category, a.name): (f.weights[k], f.taus[k]) for k, a in enumerate(attrs)})
+    scores = {"argmax": official(files, tax, truth_df, Rule(even, np.ones(n))),
+              "tuned": official(files, tax, truth_df, rule),
+              "cv_tuned": None if s.folds < 2 else float(sum(a.weight * c for a, c in zip(attrs, cv))),
+              "single": [official(files, tax, truth_df, Rule(np.eye(n)[m], np.ones(n))) for m in range(n)]}
+    decision = {
+        "kind": DECISION_KIND, "vlmtax_version": vlmtax.__version__,
+        "models": [{"probs": str(p.path), "sha256": p.sha256, "temperature": float(t)}
+                   for p, t in zip(files, f.temperatures)],
+        "truth": {"path": str(Path(truth).resolve()), "sha256": file_sha256(truth)},
+        "taxonomy": {"path": str(Path(taxonomy).resolve()), "sha256": file_sha256(taxonomy),
+                     "signature": signature(tax)},
+        "settings": {**s.__dict__, "taus": list(s.taus)},
+        "weights": None if f.global_weights is None else [float(w) for w in f.global_weights],
+        "attributes": rows, "scores": scores, "ece": calibration(attrs, f, n),
+    }
+    write_json(out, decision)
+    print_table(decision, console or Console(width=None if sys.stdout.isatty() else 160))
+    return decision
+
+
+def check_settings(s: Settings) -> None:
+    if s.weights_by not in ("global", "attribute"):
+        raise VlmtaxError(f"--weights-by {s.weights_by!r} is unknown", "use global or attribute")
+    if not 0 < s.weight_step <= 1 or abs(round(1 / s.weight_step) * s.weight_step - 1) > 1e-9:
+        raise VlmtaxError(f"--weight-step {s.weight_step} does not divide 1", "use e.g. 0.1, 0.05 or 0.25")
+    if not s.taus or any(not 0 <= t <= 1 for t in s.taus) or 0 not in s.taus:
+        raise VlmtaxError(f"--taus {','.join(map(str, s.taus))} must lie in [0, 1] and include 0",
+                          "e.g. --taus 0,0.25,0.5,0.75,1 (--taus 0 keeps argmax)")
+    if s.folds < 0 or s.folds == 1 or not 0 <= s.min_share <= 1 or s.bootstrap < 1:
+        raise VlmtaxError("--folds must be 0 (none) or at least 2, --min-share in [0, 1], --bootstrap >= 1",
+                          "use the defaults (5 folds, 0.9, 200)")
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def print_table(decision: dict[str, Any], console: Console) -> None:
+    t = Table(title="tune: per attribute (validation rows)", title_justify="left", caption_justify="left",
+              caption="argmax: equal weights, tau 0; tuned: in-sample; cv: k-fold out-of-sample; "
+              "share: bootstrap wins of the best tau over 0 (kept when >= min_share)")
+    for name in ("category", "attribute", "support", "argmax", "tuned", "cv", "tau", "best tau", "share", "weights"):
+        t.add_column(name, justify="left" if name in ("category", "attribute", "weights") else "right")
+    for a in decision["attributes"]:
+        t.add_row(escape(a["category"]), escape(a["attribute"]), str(a["support"]), _f(a["argmax"]), _f(a["tuned"]),
+                  _f(a["cv_tuned"]), f"{a['tau']:.2f}", f"{a['best_tau']:.2f}", _f(a["bootstrap_share"]),
+                  ",".join(f"{w:.2f}" for w in a["weights"]))
+    console.print(t)
+    sc, e = decision["scores"], decision["ece"]
+    singles = ", ".join(f"{x:.4f}" for x in sc["single"])
+    console.print(f"[bold]final: argmax {sc['argmax']:.4f}, tuned {sc['tuned']:.4f} (in-sample), "
+                  f"cv {_f(sc['cv_tuned'])}[/]; single models {singles}; temperatures "
+                  + ", ".join(f"{m['temperature']:.3f}" for m in decision["models"])
+                  + f"; ECE {e['before']:.4f} -> {e['after']:.4f}")
+
+
+def tune_and_ensemble(val_probs: list[str | Path], test_probs: list[str | Path], val_truth: str | Path,
+                      taxonomy: str | Path, out_dir: str | Path, test_truth: str | Path | None = None,
+                      settings: Settings | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Tune on the validation probabilities, apply the decision to the test probabilities (the demo's last
+    step); with `test_truth`, also score the ensemble's submission. Writes decision.json, ensemble.csv
+    and ensemble.probs.jsonl into `out_dir`."""
+    from vlmtax.ensemble import ensemble
+
+    out_dir = Path(out_dir)
+    decision = tune(val_probs, val_truth, out_dir / "decision.json", taxonomy, settings, console)
+    submission = out_dir / "ensemble.csv"
+    ensemble(test_probs, submission, decision=out_dir / "decision.json", probs_out=out_dir / "ensemble.probs.jsonl",
+             taxonomy=taxonomy)
+    result: dict[str, Any] = {"decision": str(out_dir / "decision.json"), "submission": str(submission),
+                              "val": decision["scores"], "score": None}
+    if test_truth is not None:
+        truth = read_csv(test_truth, "test truth CSV", ["id", "Category"])
+        pred = read_csv(submission, "ensemble submission", ["id", "Category"])
+        result["score"] = compute_metric(truth, pred, Taxonomy.load(taxonomy)).final
+    return result
