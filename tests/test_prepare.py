@@ -235,9 +235,13 @@ def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    with pytest.raises(VlmtaxError, match="not a vlmtax dataset"):
+    with pytest.raises(VlmtaxError, match="files prepare did not write"):
         prepare(csv=catalogue["csv"], images=catalogue["images"], attributes=catalogue["attributes"], out=junk)
     assert (junk / "notes.txt").read_text() == "mine"
+    (catalogue["root"] / "out" / "notes.txt").write_text("mine too")  # a file the user keeps in a dataset
+    with pytest.raises(VlmtaxError, match=r"files prepare did not write \(notes.txt\)"):
+        _run(catalogue)
+    assert (catalogue["root"] / "out" / "notes.txt").read_text() == "mine too"
 
 
 def test_parquet_attribute_file_in_meesho_layout(catalogue, tmp_path: Path):

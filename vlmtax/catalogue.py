@@ -95,7 +95,7 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
     return CategoryAttributes(attributes=attributes, remaps=remaps)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=1024)
 def _root(images: str) -> str:
     return os.path.realpath(images)
 
@@ -103,8 +103,8 @@ def _root(images: str) -> str:
 def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tuple[Path | None, str | None]:
     """Resolve a row's image inside the folder `images`; returns (path, None) or (None, reject reason).
 
-    `..` segments are collapsed lexically (no file-system call per row), so a CSV cannot point outside
-    the folder; the folder itself is resolved once.
+    `..` segments are collapsed lexically, so a CSV cannot point outside the folder; the folder itself is
+    resolved once, and a symlink inside it is resolved and must stay inside it too.
     """
     root = _root(str(images))
     if rel is None:
@@ -115,6 +115,11 @@ def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tupl
     candidate = os.path.normpath(os.path.join(root, rel))
     if os.path.commonpath([root, candidate]) != root or candidate == root:
         return None, "image_outside_folder"
+    if os.path.islink(candidate) or _root(os.path.dirname(candidate)) != os.path.dirname(candidate):
+        # A symlink (the file or a folder on the way) may point outside: resolve it, then confine again.
+        real = os.path.realpath(candidate)
+        if os.path.commonpath([root, real]) != root:
+            return None, "image_outside_folder"
     return Path(candidate), None
 
 
@@ -129,6 +134,30 @@ def check_image(path: str) -> tuple[str | None, int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return "unreadable_image", 0, 0
     return None, width, height
+
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises above this
+# Qwen2-VL's patch size. Smaller sides are refused by older processors and mangled by newer ones
+# (a 1x3 image is read as 3 channels of one pixel row).
+MIN_SIDE = 14
+
+
+def geometry_reject(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[str, str] | None:
+    """(reason, detail) for an image the model's processor would refuse or mangle, else None."""
+    if min(width, height) < min_side:
+        return "image_too_small", f"{width}x{height} px: each side must be at least {min_side} px"
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return "extreme_aspect_ratio", f"{width}x{height} px: aspect ratio above {MAX_ASPECT_RATIO}"
+    return None
+
+
+def ambiguous_rows(paths: list[Path | None]) -> set[int]:
+    """Rows whose image file is also another row's (ids `1` and `01` both give 000001.jpg)."""
+    owners: dict[Path, list[int]] = {}
+    for i, p in enumerate(paths):
+        if p is not None:
+            owners.setdefault(p, []).append(i)
+    return {i for rows in owners.values() if len(rows) > 1 for i in rows}
 
 
 def check_images(paths: list[str], workers: int | None = None, desc: str = "checking images") -> list[tuple]:
