@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +30,69 @@ class CategoryAttributes:
     remaps: list[Remap]
 
 
-def _as_list(value: object) -> list[str]:
+def _as_list(value: object, where: str) -> list[str]:
+    """An attribute list as written in the file: a list (parquet, json, yaml) or its string form ("['a', 'b']")."""
     if isinstance(value, str):
         text = value.strip()
-        try:
-            parsed = json.loads(text.replace("'", '"')) if text.startswith("[") else [text]
-        except json.JSONDecodeError:
-            parsed = [p.strip(" '\"") for p in text.strip("[]").split(",")]
-        return [str(v).strip() for v in parsed if str(v).strip()]
-    return [str(v).strip() for v in list(value)]  # numpy arrays and lists from parquet
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text.replace("'", '"'))
+            except json.JSONDecodeError:
+                parsed = [p.strip(" '\"") for p in text.strip("[]").split(",")]
+        else:
+            parsed = [text] if text else []
+        value = parsed
+    if value is None or isinstance(value, (float, int, bool, dict)) or not hasattr(value, "__iter__"):
+        raise VlmtaxError(f"{where}: the attribute list is {value!r}, not a list of names",
+                          "give a list of attribute names, e.g. [color, pattern]")
+    names = list(value)  # numpy arrays and lists from parquet
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise VlmtaxError(f"{where}: attribute name {name!r} is empty or not text",
+                              "give every attribute a non-empty name")
+    return [n.strip() for n in names]  # otherwise verbatim: Meesho really spells one `ocassion`
+
+
+def _count(value: object, where: str) -> int:
+    """No_of_attribute as an integer; null, NaN, fractions and text are errors."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) and not hasattr(value, "__int__"):
+        raise VlmtaxError(f"{where}: No_of_attribute {value!r} is not a whole number", "give the attribute count")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number != int(number):
+        raise VlmtaxError(f"{where}: No_of_attribute {value!r} is not a whole number", "give the attribute count")
+    return int(number)
+
+
+def _parse_remaps(raw: object, path: Path) -> list[Remap]:
+    if not isinstance(raw, list):
+        raise VlmtaxError(f"{path}: remaps must be a list", "write remaps: ['Sarees:attr_1<->attr_4']")
+    remaps = []
+    for item in raw:
+        if isinstance(item, str):
+            remaps.append(Remap.parse(item))
+        elif isinstance(item, dict) and set(item) == {"category", "a", "b"} and all(
+                isinstance(v, str) and re.fullmatch(r"attr_\d+", v) for v in (item["a"], item["b"])):
+            remaps.append(Remap(category=" ".join(str(item["category"]).split()), a=item["a"], b=item["b"]))
+        else:
+            raise VlmtaxError(f"{path}: bad remap entry {item!r}",
+                              "write 'CATEGORY:attr_1<->attr_4' or {category: C, a: attr_1, b: attr_4}")
+    return remaps
+
+
+def _category_name(raw: object, path: Path) -> str:
+    name = " ".join(str(raw).split()) if raw is not None and not (isinstance(raw, float) and raw != raw) else ""
+    if not name:
+        raise VlmtaxError(f"{path}: a category has an empty name ({raw!r})", "give every category a name")
+    return name
+
+
+def _add(attributes: dict[str, list[str]], name: str, attrs: list[str], path: Path) -> None:
+    if name in attributes:
+        raise VlmtaxError(f"{path}: category {name!r} is listed twice", "list each category once")
+    attributes[name] = attrs
 
 
 def read_category_attributes(path: str | Path) -> CategoryAttributes:
@@ -62,12 +118,13 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
         raise VlmtaxError(f"cannot read category-attribute file {path}: {first}", "check the file's format") from None
 
     if isinstance(data, dict) and "categories" in data:
-        remaps = [Remap.parse(r) if isinstance(r, str) else Remap.model_validate(r) for r in data.get("remaps") or []]
+        remaps = _parse_remaps(data.get("remaps") or [], path)
         data = data["categories"]
     attributes: dict[str, list[str]] = {}
     if isinstance(data, dict):
-        for name, attrs in data.items():
-            attributes[str(name)] = _as_list(attrs)
+        for raw, attrs in data.items():
+            name = _category_name(raw, path)
+            _add(attributes, name, _as_list(attrs, f"{path}: category {name!r}"), path)
     elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
         for rec in data:
             if "Category" not in rec or "Attribute_list" not in rec:
@@ -75,14 +132,14 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
                     f"category-attribute file {path} records need Category and Attribute_list",
                     "use Meesho's layout (Category, No_of_attribute, Attribute_list)",
                 )
-            attrs = _as_list(rec["Attribute_list"])
-            n = rec.get("No_of_attribute")
-            if n is not None and int(n) != len(attrs):
-                raise VlmtaxError(
-                    f"{path}: {rec['Category']} says No_of_attribute={n} but lists {len(attrs)} attributes",
-                    "make the two agree",
-                )
-            attributes[str(rec["Category"])] = attrs
+            name = _category_name(rec["Category"], path)
+            where = f"{path}: category {name!r}"
+            attrs = _as_list(rec["Attribute_list"], where)
+            n = _count(rec["No_of_attribute"], where) if "No_of_attribute" in rec else None
+            if n is not None and n != len(attrs):
+                raise VlmtaxError(f"{where} says No_of_attribute={n} but lists {len(attrs)} attributes",
+                                  "make the two agree")
+            _add(attributes, name, attrs, path)
     else:
         raise VlmtaxError(f"category-attribute file {path} has an unexpected structure", "see docs/data-formats.md")
     if not attributes:
@@ -91,7 +148,9 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
         if not 1 <= len(attrs) <= N_SLOTS:
             raise VlmtaxError(f"category {name!r} has {len(attrs)} attributes", f"use 1 to {N_SLOTS} attributes")
         if len(set(attrs)) != len(attrs):
-            raise VlmtaxError(f"category {name!r} repeats an attribute name", "give each attribute a unique name")
+            twice = next(a for a in attrs if attrs.count(a) > 1)
+            raise VlmtaxError(f"category {name!r} repeats the attribute name {twice!r}",
+                              "give each attribute a unique name")
     return CategoryAttributes(attributes=attributes, remaps=remaps)
 
 
