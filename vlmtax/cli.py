@@ -208,8 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        # standalone_mode=False: click would turn Ctrl-C into "Aborted!" with exit 1.
-        app(args=args, prog_name="vlmtax", standalone_mode=False)
+        # standalone_mode=False: errors come back here to be printed as one line. Typer then turns Ctrl-C into
+        # a returned exit code 130 (and click's own handling into "Aborted!").
+        code = app(args=args, prog_name="vlmtax", standalone_mode=False)
+        if code == 130:
+            _interrupted()
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (typer.Abort, KeyboardInterrupt):
         _interrupted()
     except typer.Exit as exc:

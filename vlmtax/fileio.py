@@ -57,6 +57,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         raise os_error(exc, path) from None
+    except VlmtaxError as exc:  # an inner atomic write failed: name the final path, not the temporary one
+        if str(tmp) not in exc.problem:
+            raise
+        raise VlmtaxError(exc.problem.replace(str(tmp), str(path)), exc.fix) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +188,9 @@ def os_error(exc: OSError, path: str | Path | None = None) -> VlmtaxError:
     """One line for an OS error while writing: the path, the reason, and a fix for the common cases."""
     import errno
 
-    where = exc.filename or path
+    where = exc.filename
+    if path is not None and (where is None or str(where).endswith(".tmp")):
+        where = path  # the user's path, not the temporary name written first
     fixes = {errno.ENOSPC: "free disk space or write to another disk",
              errno.EDQUOT: "free disk space (quota) or write to another disk",
              errno.EACCES: "choose a writable folder", errno.EPERM: "choose a writable folder",
