@@ -27,6 +27,11 @@ from PIL import Image
 
 from vlmtax.cli import main
 
+# Bind transformers' log handler to the session's stderr now: bound inside one case's capsys, it would write
+# to a closed stream in the next case and print a logging traceback.
+transformers_logging = pytest.importorskip("transformers.utils.logging")
+transformers_logging.get_logger("transformers")
+
 ATTRS = {"categories": {"Tees": ["color", "neck"], "Jeans": ["fit", "wash"]}}
 ROWS = [("1", "Tees", "red", "round"), ("2", "Tees", "blue", "v"), ("3", "Tees", "black", "round"),
         ("4", "Jeans", "slim", "dark"), ("5", "Jeans", "loose", "light"), ("6", "Jeans", "slim", "light")]
@@ -239,6 +244,16 @@ def _damaged_adapter(c: Ctx, size: int | None) -> list[str]:
     weights = run / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:size] if size else b"")
     return ["merge", str(run), "--out", str(c.tmp / "merged")]
+
+
+def _truncated_model(c: Ctx) -> list[str]:
+    model = c.tmp / "model"
+    shutil.copytree(c.fixture("tiny_model_dir"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return ["predict", "--model", str(model), "--csv", str(c.test_csv()), "--images",
+            str(c.fixture("synth_dir") / "test_images"), "--out", str(c.tmp / "s.csv"), "--taxonomy",
+            str(c.fixture("prepared_dir") / "taxonomy.json")]
 
 
 def _bad_image_rows(c: Ctx, size: tuple[int, int]) -> list[str]:
@@ -468,6 +483,7 @@ CASES = [
     Case("predict", "test CSV with an extra field",
          lambda c: c.file("t.csv", "id,Category\n1,Tees,extra\n2,Tees\n") and c.predict_args(
              c.tmp / "s.csv", csv=c.tmp / "t.csv"), error="more fields than its header"),
+    Case("predict", "truncated model.safetensors", _truncated_model, error="weights of .* are damaged"),
     # --- score ---
     Case("score", "json is the truth", lambda c: c.score_args("--json", c.score_files()[0]),
          error="--json .* is the input --truth", protect=lambda c: list(c.score_files())),
