@@ -196,7 +196,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU.
 
     synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
-    -> score. About 5 minutes on a laptop CPU; stages already done in --workdir are kept.
+    -> score. About 5 minutes on a CPU (training about 4); stages already done in --workdir are kept.
     """
     from vlmtax.demo import demo as run
 

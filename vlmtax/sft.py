@@ -254,6 +254,8 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
     hw = Hardware.detect()
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
+        check_logging(recipe)
+        check_lora_targets(recipe)
         _relaunch(Path(recipe_path), list(overrides or []), num_processes, hw)
         return recipe.output_dir
     return train(recipe, hw)
