@@ -184,6 +184,20 @@ def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonom
             pd.DataFrame(rejects, columns=REJECT_COLUMNS), prob_lines)
 
 
+def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, out: Path,
+                 probs: str | Path | None) -> Path:
+    """No output may be, hold or sit in an input; each must be writable. Returns the rejects file's path."""
+    rejects_path = out.with_name(out.stem + ".rejects.csv")
+    guard_outputs({"--model": model if model.exists() else None, "--csv": csv, "--images": images,
+                   "--taxonomy": taxonomy},
+                  {"--out": out, "--probs": probs, "the rejects file": rejects_path,
+                   "the resume file": out.with_name(out.name + ".partial")})
+    for what, path in (("--out", out), ("--probs", probs)):
+        if path is not None:
+            check_writable(path, what, "file")
+    return rejects_path
+
+
 def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | Path,
             taxonomy: str | Path | None = None, batch_size: int = 8, probs: str | Path | None = None,
             mode: str = "constrained", image_pattern: str = DEFAULT_IMAGE_PATTERN, dtype: str = "auto",
@@ -205,14 +219,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"--out {out} is the same file as --probs", "pass two different paths")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
-    rejects_path = out.with_name(out.stem + ".rejects.csv")
-    guard_outputs({"--model": model if Path(model).exists() else None, "--csv": csv, "--images": images,
-                   "--taxonomy": taxonomy},
-                  {"--out": out, "--probs": probs, "the rejects file": rejects_path,
-                   "the resume file": out.with_name(out.name + ".partial")})
-    for what, path in (("--out", out), ("--probs", probs)):
-        if path is not None:
-            check_writable(path, what, "file")
+    rejects_path = _guard_paths(Path(model), csv, images, taxonomy, out, probs)
     model_dir = inspect_model_dir(model)
     tax = load_taxonomy(model, taxonomy)
     frame = read_csv(csv, "test CSV", ["id", "Category"])
