@@ -150,7 +150,7 @@ def test_bad_run_dirs_and_outputs(trained_run_dir, tiny_model_dir, tmp_path, cap
     (busy / "notes.txt").write_text("keep me")
     with pytest.raises(VlmtaxError, match="already holds something else"):
         merge(trained_run_dir, busy)
-    with pytest.raises(VlmtaxError, match="run dir or a folder containing it"):
+    with pytest.raises(VlmtaxError, match="contains the input the run dir"):
         merge(trained_run_dir, trained_run_dir.parent)
     assert (busy / "notes.txt").read_text() == "keep me"
 

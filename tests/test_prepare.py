@@ -230,9 +230,11 @@ def test_every_row_rejected_counts_the_reasons(catalogue, tmp_path: Path):
     empty_images = tmp_path / "no_images"
     empty_images.mkdir()
     n_rows = len(pd.read_csv(catalogue["csv"]))
-    with pytest.raises(VlmtaxError, match=rf"every row was rejected \(missing_image: {n_rows}\)"):
+    with pytest.raises(VlmtaxError, match=rf"every row was rejected \(missing_image {n_rows}\)"):
         prepare(csv=catalogue["csv"], images=empty_images, attributes=catalogue["attributes"], out=tmp_path / "o")
-    assert not (tmp_path / "o").exists()
+    # No training records, but the reasons are still where the user looks.
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["prepare_meta.json", "rejects.csv", "report.json"]
+    assert len(pd.read_csv(tmp_path / "o" / "rejects.csv")) == n_rows
 
 
 def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):
@@ -246,9 +248,13 @@ def test_out_dir_holding_another_dataset_is_refused(catalogue, tmp_path: Path):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    with pytest.raises(VlmtaxError, match="not a vlmtax dataset"):
+    with pytest.raises(VlmtaxError, match="files prepare did not write"):
         prepare(csv=catalogue["csv"], images=catalogue["images"], attributes=catalogue["attributes"], out=junk)
     assert (junk / "notes.txt").read_text() == "mine"
+    (catalogue["root"] / "out" / "notes.txt").write_text("mine too")  # a file the user keeps in a dataset
+    with pytest.raises(VlmtaxError, match=r"files prepare did not write \(notes.txt\)"):
+        _run(catalogue)
+    assert (catalogue["root"] / "out" / "notes.txt").read_text() == "mine too"
 
 
 def test_parquet_attribute_file_in_meesho_layout(catalogue, tmp_path: Path):

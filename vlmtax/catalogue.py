@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +31,69 @@ class CategoryAttributes:
     remaps: list[Remap]
 
 
-def _as_list(value: object) -> list[str]:
+def _as_list(value: object, where: str) -> list[str]:
+    """An attribute list as written in the file: a list (parquet, json, yaml) or its string form ("['a', 'b']")."""
     if isinstance(value, str):
         text = value.strip()
-        try:
-            parsed = json.loads(text.replace("'", '"')) if text.startswith("[") else [text]
-        except json.JSONDecodeError:
-            parsed = [p.strip(" '\"") for p in text.strip("[]").split(",")]
-        return [str(v).strip() for v in parsed if str(v).strip()]
-    return [str(v).strip() for v in list(value)]  # numpy arrays and lists from parquet
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text.replace("'", '"'))
+            except json.JSONDecodeError:
+                parsed = [p.strip(" '\"") for p in text.strip("[]").split(",")]
+        else:
+            parsed = [text] if text else []
+        value = parsed
+    if value is None or isinstance(value, (float, int, bool, dict)) or not hasattr(value, "__iter__"):
+        raise VlmtaxError(f"{where}: the attribute list is {value!r}, not a list of names",
+                          "give a list of attribute names, e.g. [color, pattern]")
+    names = list(value)  # numpy arrays and lists from parquet
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise VlmtaxError(f"{where}: attribute name {name!r} is empty or not text",
+                              "give every attribute a non-empty name")
+    return [n.strip() for n in names]  # otherwise verbatim: Meesho really spells one `ocassion`
+
+
+def _count(value: object, where: str) -> int:
+    """No_of_attribute as an integer; null, NaN, fractions and text are errors."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) and not hasattr(value, "__int__"):
+        raise VlmtaxError(f"{where}: No_of_attribute {value!r} is not a whole number", "give the attribute count")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number != int(number):
+        raise VlmtaxError(f"{where}: No_of_attribute {value!r} is not a whole number", "give the attribute count")
+    return int(number)
+
+
+def _parse_remaps(raw: object, path: Path) -> list[Remap]:
+    if not isinstance(raw, list):
+        raise VlmtaxError(f"{path}: remaps must be a list", "write remaps: ['Sarees:attr_1<->attr_4']")
+    remaps = []
+    for item in raw:
+        if isinstance(item, str):
+            remaps.append(Remap.parse(item))
+        elif isinstance(item, dict) and set(item) == {"category", "a", "b"} and all(
+                isinstance(v, str) and re.fullmatch(r"attr_\d+", v) for v in (item["a"], item["b"])):
+            remaps.append(Remap(category=" ".join(str(item["category"]).split()), a=item["a"], b=item["b"]))
+        else:
+            raise VlmtaxError(f"{path}: bad remap entry {item!r}",
+                              "write 'CATEGORY:attr_1<->attr_4' or {category: C, a: attr_1, b: attr_4}")
+    return remaps
+
+
+def _category_name(raw: object, path: Path) -> str:
+    name = " ".join(str(raw).split()) if raw is not None and not (isinstance(raw, float) and raw != raw) else ""
+    if not name:
+        raise VlmtaxError(f"{path}: a category has an empty name ({raw!r})", "give every category a name")
+    return name
+
+
+def _add(attributes: dict[str, list[str]], name: str, attrs: list[str], path: Path) -> None:
+    if name in attributes:
+        raise VlmtaxError(f"{path}: category {name!r} is listed twice", "list each category once")
+    attributes[name] = attrs
 
 
 def read_category_attributes(path: str | Path) -> CategoryAttributes:
@@ -63,12 +119,13 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
                           "check the file's format") from None
 
     if isinstance(data, dict) and "categories" in data:
-        remaps = [Remap.parse(r) if isinstance(r, str) else Remap.model_validate(r) for r in data.get("remaps") or []]
+        remaps = _parse_remaps(data.get("remaps") or [], path)
         data = data["categories"]
     attributes: dict[str, list[str]] = {}
     if isinstance(data, dict):
-        for name, attrs in data.items():
-            attributes[str(name)] = _as_list(attrs)
+        for raw, attrs in data.items():
+            name = _category_name(raw, path)
+            _add(attributes, name, _as_list(attrs, f"{path}: category {name!r}"), path)
     elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
         for rec in data:
             if "Category" not in rec or "Attribute_list" not in rec:
@@ -76,14 +133,14 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
                     f"category-attribute file {path} records need Category and Attribute_list",
                     "use Meesho's layout (Category, No_of_attribute, Attribute_list)",
                 )
-            attrs = _as_list(rec["Attribute_list"])
-            n = rec.get("No_of_attribute")
-            if n is not None and int(n) != len(attrs):
-                raise VlmtaxError(
-                    f"{path}: {rec['Category']} says No_of_attribute={n} but lists {len(attrs)} attributes",
-                    "make the two agree",
-                )
-            attributes[str(rec["Category"])] = attrs
+            name = _category_name(rec["Category"], path)
+            where = f"{path}: category {name!r}"
+            attrs = _as_list(rec["Attribute_list"], where)
+            n = _count(rec["No_of_attribute"], where) if "No_of_attribute" in rec else None
+            if n is not None and n != len(attrs):
+                raise VlmtaxError(f"{where} says No_of_attribute={n} but lists {len(attrs)} attributes",
+                                  "make the two agree")
+            _add(attributes, name, attrs, path)
     else:
         raise VlmtaxError(f"category-attribute file {path} has an unexpected structure", "see docs/data-formats.md")
     if not attributes:
@@ -92,11 +149,13 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
         if not 1 <= len(attrs) <= N_SLOTS:
             raise VlmtaxError(f"category {name!r} has {len(attrs)} attributes", f"use 1 to {N_SLOTS} attributes")
         if len(set(attrs)) != len(attrs):
-            raise VlmtaxError(f"category {name!r} repeats an attribute name", "give each attribute a unique name")
+            twice = next(a for a in attrs if attrs.count(a) > 1)
+            raise VlmtaxError(f"category {name!r} repeats the attribute name {twice!r}",
+                              "give each attribute a unique name")
     return CategoryAttributes(attributes=attributes, remaps=remaps)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=1024)
 def _root(images: str) -> str:
     return os.path.realpath(images)
 
@@ -104,8 +163,8 @@ def _root(images: str) -> str:
 def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tuple[Path | None, str | None]:
     """Resolve a row's image inside the folder `images`; returns (path, None) or (None, reject reason).
 
-    `..` segments are collapsed lexically (no file-system call per row), so a CSV cannot point outside
-    the folder; the folder itself is resolved once.
+    `..` segments are collapsed lexically, so a CSV cannot point outside the folder; the folder itself is
+    resolved once, and a symlink inside it is resolved and must stay inside it too.
     """
     root = _root(str(images))
     if rel is None:
@@ -116,4 +175,33 @@ def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tupl
     candidate = os.path.normpath(os.path.join(root, rel))
     if os.path.commonpath([root, candidate]) != root or candidate == root:
         return None, "image_outside_folder"
+    if os.path.islink(candidate) or _root(os.path.dirname(candidate)) != os.path.dirname(candidate):
+        # A symlink (the file or a folder on the way) may point outside: resolve it, then confine again.
+        real = os.path.realpath(candidate)
+        if os.path.commonpath([root, real]) != root:
+            return None, "image_outside_folder"
     return Path(candidate), None
+
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises above this
+# Qwen2-VL's patch size. Smaller sides are refused by older processors and mangled by newer ones
+# (a 1x3 image is read as 3 channels of one pixel row).
+MIN_SIDE = 14
+
+
+def geometry_reject(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[str, str] | None:
+    """(reason, detail) for an image the model's processor would refuse or mangle, else None."""
+    if min(width, height) < min_side:
+        return "image_too_small", f"{width}x{height} px: each side must be at least {min_side} px"
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return "extreme_aspect_ratio", f"{width}x{height} px: aspect ratio above {MAX_ASPECT_RATIO}"
+    return None
+
+
+def ambiguous_rows(paths: list[Path | None]) -> set[int]:
+    """Rows whose image file is also another row's (ids `1` and `01` both give 000001.jpg)."""
+    owners: dict[Path, list[int]] = {}
+    for i, p in enumerate(paths):
+        if p is not None:
+            owners.setdefault(p, []).append(i)
+    return {i for rows in owners.values() if len(rows) > 1 for i in rows}

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import os_error
 
 app = typer.Typer(
     name="vlmtax",
@@ -21,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich help prints `<bool>` placeholders after on/off flags.
+    rich_markup_mode=None,
 )
 
 
@@ -52,17 +55,18 @@ class Mode(str, enum.Enum):
     free = "free"
 
 
-@app.callback()
+@app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
+              "setup (one `error:` line); 130 interrupted (Ctrl-C).")
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
     """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
 
 
 @app.command()
 def synth(
-    out_dir: Path,
+    out_dir: Annotated[Path, typer.Argument(help="New or empty folder to write the catalogue into.")],
     rows: Annotated[int, typer.Option(help="Training rows.")] = 400,
     test_rows: Annotated[int, typer.Option(help="Test rows.")] = 100,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same catalogue).")] = 0,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 112,
 ) -> None:
     """Write a synthetic catalogue in the Meesho layout (CSV, images, category_attributes.parquet)."""
@@ -74,8 +78,8 @@ def synth(
 
 @app.command("tiny-model")
 def tiny_model(
-    out_dir: Path,
-    seed: int = 0,
+    out_dir: Annotated[Path, typer.Argument(help="New folder for the model (kept if it holds this seed's build).")],
+    seed: Annotated[int, typer.Option(help="Weight-initialisation seed.")] = 0,
     vocab_size: Annotated[int | None, typer.Option(help="Pad the embedding to N rows (Qwen2-VL: 151936).")] = None,
 ) -> None:
     """Build a tiny, randomly initialised Qwen2-VL (tokenizer, processor, weights) for tests and the demo."""
@@ -90,19 +94,21 @@ def prepare(
     csv: Annotated[Path, typer.Option(help="Catalogue CSV (id, Category, len, attr_1..attr_10).")],
     images: Annotated[Path, typer.Option(help="Folder holding the images.")],
     attributes: Annotated[Path, typer.Option(help="Category attributes: parquet, json or yaml.")],
-    out: Annotated[Path, typer.Option(help="Output folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: new, or one prepare wrote for this CSV.")],
     format: Annotated[Format, typer.Option(help="Training record format.")] = Format.sharegpt,
     missing: Annotated[Missing, typer.Option(help="Missing labels inside 1..len.")] = Missing.mode,
     filler: Annotated[str, typer.Option(help="Value for non-applicable slots.")] = "dummy",
     val_fraction: Annotated[float, typer.Option(help="Share of rows for validation.")] = 0.1,
-    seed: int = 42,
-    model: Annotated[Path | None, typer.Option(help="Processor to count tokens with.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 42,
+    model: Annotated[Path | None, typer.Option(
+        help="Model folder whose processor counts tokens (for --max-length).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Image pixel budget used for token counting.")] = 262144,
     min_pixels: Annotated[int, typer.Option(help="Minimum image pixels used for token counting.")] = 3136,
     max_length: Annotated[int, typer.Option(help="Reject records longer than this many tokens.")] = 2048,
     strict: Annotated[bool, typer.Option(help="Any rejected row is an error.")] = False,
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
-    remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4'.")] = None,
+    remap: Annotated[list[str] | None, typer.Option(help="Swap slots, e.g. 'Sarees:attr_1<->attr_4' (repeatable).",
+                                                    metavar="CAT:attr_i<->attr_j")] = None,
     workers: Annotated[int | None, typer.Option(help="Image-check processes (default: all cores, at most 8).")] = None,
     verify_images: Annotated[VerifyImages, typer.Option(
         help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
@@ -126,10 +132,17 @@ def prepare(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sft(
     ctx: typer.Context,
-    recipe: Path,
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny_cpu.yaml; then key=value overrides.")],
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes (accelerate launch).")] = 1,
 ) -> None:
-    """Fine-tune from a recipe YAML; extra `key=value` arguments override recipe fields."""
+    """Fine-tune from a recipe YAML; extra `key=value` arguments override recipe fields.
+
+    \b
+    Example:
+      vlmtax sft recipes/tiny_cpu.yaml model=tiny-model data=data output_dir=runs/tiny train.epochs=1 lora.rank=8
+
+    Every key and its meaning: docs/recipes.md.
+    """
     from vlmtax.sft import sft as run
 
     out = run(recipe, overrides=list(ctx.args), num_processes=num_processes)
@@ -139,7 +152,7 @@ def sft(
 
 @app.command()
 def merge(
-    run_dir: Path,
+    run_dir: Annotated[Path, typer.Argument(help="A finished LoRA run dir (or one of its checkpoint-N folders).")],
     out: Annotated[Path, typer.Option(help="Merged model folder.")],
     dtype: Annotated[DType, typer.Option(help="Weights dtype of the merged model.")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
@@ -157,7 +170,7 @@ def predict(
     images: Annotated[Path, typer.Option(help="Folder holding the images.")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
     taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: the model dir's).")] = None,
-    batch_size: int = 8,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
     probs: Annotated[Path | None, typer.Option(help="Write per-value probabilities (JSONL).")] = None,
     mode: Annotated[Mode, typer.Option(help="constrained: only allowed values; free: generate then snap.")] = (
         Mode.constrained
@@ -237,22 +250,47 @@ def ensemble(
 
 
 @app.command()
-def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes.")] = Path("demo_work")) -> None:
-    """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU."""
+def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (kept stages are reused).")] = Path(
+        "demo_work")) -> None:
+    """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU.
+
+    synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
+    -> score, printing the score next to the constant baseline. About 4 minutes on a 2-core CPU; stages
+    already done in --workdir are kept.
+    """
     from vlmtax.demo import demo as run
 
     run(workdir)
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; exit 0 on success, 2 with one `error:` line for bad input, 130 when interrupted."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
     try:
-        app()
-    except VlmtaxError as exc:
+        # standalone_mode=False: errors come back here to be printed as one line. Typer then turns Ctrl-C into
+        # a returned exit code 130 (and click's own handling into "Aborted!").
+        code = app(args=args, prog_name="vlmtax", standalone_mode=False)
+        if code == 130:
+            _interrupted()
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except (typer.Abort, KeyboardInterrupt):
+        _interrupted()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: printed with the usage line, exit 2
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
+    except (VlmtaxError, OSError) as exc:
         if debug:
             raise
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        # An OSError that reaches here is an output (or input) path the system refused: name it.
+        err = exc if isinstance(exc, VlmtaxError) else os_error(exc)
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
+
+
+def _interrupted() -> None:
+    typer.secho("interrupted", err=True)
+    sys.exit(130)

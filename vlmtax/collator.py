@@ -9,6 +9,7 @@ a record over the length budget is an error, because cutting through image token
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,21 @@ def load_records(data_dir: Path, name: str) -> list[dict[str, Any]]:
     path = data_dir / name
     if not path.is_file():
         raise VlmtaxError(f"{path} not found", "point `data:` at a `vlmtax prepare` output folder")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlmtaxError(f"{path} is damaged (not valid JSON: {exc})",
+                          "re-run `vlmtax prepare` into a new --out") from None
+    if not isinstance(records, list) or not all(isinstance(rec, dict) for rec in records):
+        raise VlmtaxError(f"{path} is not a list of training records", "re-run `vlmtax prepare` into a new --out")
     for rec in records:
-        if "category" not in rec or "images" not in rec:
+        if "category" not in rec or not isinstance(rec.get("images"), list) or not rec["images"]:
             raise VlmtaxError(f"{path}: record {rec.get('id')} lacks category/images", "re-run `vlmtax prepare`")
+    # Checked up front: an image moved after prepare would otherwise stop training mid-epoch.
+    gone = [rec["images"][0] for rec in records if not os.path.isfile(rec["images"][0])]
+    if gone:
+        raise VlmtaxError(f"{len(gone)} image(s) named in {path} are gone, e.g. {gone[0]}",
+                          "restore the images, or re-run `vlmtax prepare` with the folder where they are now")
     return records
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
+from vlmtax.fileio import check_writable
+
 
 def _recipe_path() -> Path:
     """The tiny_cpu recipe: recipes/ of a source checkout, or the copy a wheel ships as vlmtax.recipes."""
@@ -35,6 +37,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     from vlmtax.tiny_model import build_tiny_model
 
     work = Path(workdir).resolve()
+    check_writable(work, "--workdir", "dir")
     work.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     cat, model, data = work / "catalogue", work / "tiny-model", work / "data"

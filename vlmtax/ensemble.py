@@ -18,7 +18,7 @@ import pandas as pd
 
 from vlmtax.decision import combine, decide
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_path, file_sha256, read_json, write_csv
+from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_json, write_csv
 from vlmtax.predict import Row, _outputs
 from vlmtax.probs import ProbsFile, check_same_rows, check_taxonomy, first_reject, read_probs, signature, stack
 from vlmtax.taxonomy import Taxonomy
@@ -142,10 +142,14 @@ def ensemble(probs: list[str | Path], out: str | Path, decision: str | Path | No
         if not Path(taxonomy).is_file() or file_sha256(taxonomy) != dec["taxonomy"]["sha256"]:
             raise VlmtaxError(f"the decision's taxonomy {taxonomy} is gone or changed since tune",
                               "pass --taxonomy RUN_DIR/taxonomy.json")
-    inputs = [Path(p).resolve() for p in probs]
-    for target in (out, Path(probs_out) if probs_out else None):
-        if target is not None and (target.is_dir() or target.resolve() in inputs):
-            raise VlmtaxError(f"output {target} is a folder or one of the input files", "pass a new file path")
+    rejects_out = out.with_name(out.stem + ".rejects.csv")
+    guard_outputs({"--decision": decision, "--taxonomy": taxonomy, **{f"probs file {p}": p for p in probs}},
+                  {"--out": out, "--probs": probs_out, "the rejects file": rejects_out})
+    if probs_out is not None and Path(probs_out).resolve() in (out.resolve(), rejects_out.resolve()):
+        raise VlmtaxError(f"--probs {probs_out} is the same file as --out or its rejects file", "pass another path")
+    for what, target in (("--out", out), ("--probs", probs_out)):
+        if target is not None:
+            check_writable(target, what)
     files, tax = load_inputs(probs, taxonomy)
     n = len(files)
     if dec is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,19 @@ from vlmtax.errors import VlmtaxError, first_line
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto `path`, on failure delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    check_writable(path, "output", "file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise os_error(exc, path) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:  # a full disk or a vanished folder while writing: one line, nothing half-written
+        raise os_error(exc, path) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -37,13 +44,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    check_writable(path, "output", "dir")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise os_error(exc, path) from None
     try:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    except VlmtaxError as exc:  # an inner atomic write failed: name the final path, not the temporary one
+        if str(tmp) not in exc.problem:
+            raise
+        raise VlmtaxError(exc.problem.replace(str(tmp), str(path)), exc.fix) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,13 +96,32 @@ def read_json(path: str | Path, what: str) -> Any:
         raise VlmtaxError(f"{what} {path} is not valid JSON ({exc})", "regenerate or fix the file") from None
 
 
+def _first_long_row(path: Path) -> str:
+    """Where the first over-long row is (only called once pandas has warned, so speed does not matter)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        width = len(next(reader, []))
+        for row in reader:
+            if len(row) > width:
+                return f"first at line {reader.line_num}: {len(row)} fields, header has {width}"
+    return "header shorter than the data"
+
+
 def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
     """Read a CSV as strings (ids keep their form), checking that `required` columns are present."""
     path = Path(path)
     if not path.is_file():
         raise VlmtaxError(f"{what} not found: {path}", "check the path")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            # index_col=False: without it a row with one field too many silently shifts every column.
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            raise VlmtaxError(f"{what} {path} has row(s) with more fields than its header ({_first_long_row(path)})",
+                              "quote values that contain commas, or remove the extra fields")
     except pd.errors.EmptyDataError:
         raise VlmtaxError(f"{what} {path} is empty", "pass a CSV with a header and at least one row") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -100,3 +136,68 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
     if frame.empty:
         raise VlmtaxError(f"{what} {path} has a header but no rows", "pass a CSV with at least one row")
     return frame
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def guard_outputs(inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]) -> None:
+    """Refuse any output that equals, contains or sits inside an input of the same command.
+
+    Used by every verb before any work starts: an output aimed at an input would overwrite the user's
+    own file (a test CSV, a taxonomy, a base model's weights) or delete it when a folder is replaced.
+    Paths are resolved (symlinks followed), so two spellings of one file are one file.
+    """
+    ins = {name: Path(p).resolve() for name, p in inputs.items() if p is not None and str(p) != ""}
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_name, src in ins.items():
+            if target == src:
+                how = "is"
+            elif _inside(src, target):
+                how = "contains"
+            elif _inside(target, src):
+                how = "sits inside"
+            else:
+                continue
+            raise VlmtaxError(f"{out_name} {out} {how} the input {in_name} {src}; writing it would destroy the input",
+                              f"choose a {out_name} path outside every input")
+
+
+def check_writable(path: str | Path, what: str, kind: str = "file") -> None:
+    """Before any work: an output must be creatable where it is asked for (`kind` "file" or "dir")."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise VlmtaxError(f"{what} {path} is a folder, but a file is written there", f"pass a file path for {what}")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise VlmtaxError(f"{what} {path} is a file, but a folder is written there", f"pass a folder path for {what}")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise VlmtaxError(f"cannot create {what} {path}: {parent} is a file, not a folder",
+                                  f"choose a {what} path under a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise VlmtaxError(f"cannot create {what} {path}: no write permission in {parent}",
+                                  f"choose a {what} path in a writable folder")
+            break
+
+
+def os_error(exc: OSError, path: str | Path | None = None) -> VlmtaxError:
+    """One line for an OS error while writing: the path, the reason, and a fix for the common cases."""
+    import errno
+
+    where = exc.filename
+    if path is not None and (where is None or str(where).endswith(".tmp")):
+        where = path  # the user's path, not the temporary name written first
+    fixes = {errno.ENOSPC: "free disk space or write to another disk",
+             errno.EDQUOT: "free disk space (quota) or write to another disk",
+             errno.EACCES: "choose a writable folder", errno.EPERM: "choose a writable folder",
+             errno.EROFS: "choose a folder on a writable file system",
+             errno.ENOTDIR: "a parent of the path is a file: choose a path under a folder",
+             errno.EISDIR: "the path is a folder: pass a file path",
+             errno.ENAMETOOLONG: "use a shorter path"}
+    reason = exc.strerror or str(exc)
+    return VlmtaxError(f"cannot write {where}: {reason}", fixes.get(exc.errno, "check the path and the disk"))

@@ -171,12 +171,16 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
                  **extra: Any) -> Any:
     """`from_pretrained` in one dtype. Merges and predictions run on plain 16/32-bit weights; only sft passes
     `extra` (a quantization_config with its per-rank device_map)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
     try:
         # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
         return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
                                                            trust_remote_code=trust_remote_code, **extra)
+    except SafetensorError as exc:
+        raise VlmtaxError(f"the weights of {what} {source} are damaged ({exc})",
+                          "restore the folder (a truncated or empty model.safetensors), or re-create it") from None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlmtaxError(f"cannot load {what} {source}: {first}",
@@ -186,8 +190,16 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
 def attach_adapter(base: Any, model_dir: ModelDir) -> Any:
     """Base + adapter as a PeftModel; an adapter trained on another base is refused, not half-applied."""
     from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    weights = model_dir.path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # the header only: a truncated or empty file fails here
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise VlmtaxError(f"adapter weights {weights} are damaged ({exc})",
+                          "restore the file from the run's latest checkpoint-N folder, or re-run sft") from None
     try:
         model = PeftModel.from_pretrained(base, str(model_dir.path))
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -25,7 +25,7 @@ from vlmtax.answer import answer_segments, render_prompt
 from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.collator import load_image, record_prompt_answer, record_values
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_dir, write_json
+from vlmtax.fileio import atomic_dir, check_writable, guard_outputs, write_json
 from vlmtax.loading import (
     DTYPES,
     TAXONOMY_FILE,
@@ -109,13 +109,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def _check_out(out: Path, run_dir: Path) -> None:
-    """Refuse an output that is the run itself, contains it, or holds anything but an earlier merge of it."""
-    run, target = run_dir.resolve(), out.resolve()
-    if target == run or target in run.parents:
-        raise VlmtaxError(f"--out {out} is the run dir or a folder containing it", "pass a new folder for --out")
-    if out.exists() and not out.is_dir():
-        raise VlmtaxError(f"--out {out} is a file", "pass a folder path for --out")
+def _check_out(out: Path, run_dir: Path, base: str | None = None, data: str | None = None) -> None:
+    """Refuse an output that is, holds or sits in an input (run, base, data), or holds anything but an earlier
+    merge of this run."""
+    run = run_dir.resolve()
+    guard_outputs({"the run dir": run_dir, "the base model": base if base and Path(base).exists() else None,
+                   "the run's data": data if data and Path(data).exists() else None}, {"--out": out})
+    check_writable(out, "--out", "dir")
     if out.is_dir() and any(out.iterdir()):
         try:
             meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
@@ -175,7 +175,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto", device: str
         print(f"{run_dir} holds {what} weights and needs no merge; nothing copied. "
               f"Use it as it is: vlmtax predict --model {run_dir} ...", flush=True)
         return None
-    _check_out(out, run_dir)
+    _check_out(out, run_dir, model_dir.base, model_dir.meta.get("data"))
     dev = default_device(device)
     torch_dtype = merge_dtype(dtype, model_dir, dev)
     taxonomy = load_taxonomy(run_dir, None)

@@ -25,9 +25,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, image_path
+from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, image_path
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_path, file_sha256, read_csv, write_csv
+from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_csv, write_csv
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
@@ -67,6 +67,9 @@ def plan_rows(frame: pd.DataFrame, taxonomy: Taxonomy, images: Path, image_patte
             try:
                 with Image.open(row.image) as img:
                     row.pixels = img.size[0] * img.size[1]
+                    refused = geometry_reject(*img.size)
+                if refused is not None:
+                    row.reject = (refused[0], f"{row.image}: {refused[1]}")
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 row.reject = ("unreadable_image", f"{row.image}: {exc}")
     return rows
@@ -124,11 +127,26 @@ def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -
             ok.append(row)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             records.append({"row": row.index, "reject": ["unreadable_image", f"{row.image}: {exc}"]})
+    def run(imgs: list[Any], cats: list[Category]) -> list[Any]:
+        return decoder.decode(imgs, cats) if mode == "constrained" else \
+            free_decode(decoder.model, decoder.processor, imgs, cats, decoder.plans)
+
     if ok:
-        categories = [r.category for r in ok]
-        results = decoder.decode(images, categories) if mode == "constrained" else \
-            free_decode(decoder.model, decoder.processor, images, categories, decoder.plans)
+        try:
+            results: list[Any] = run(images, [r.category for r in ok])
+        except ValueError:
+            # The processor refused an image of the batch: decode row by row, so only that row is rejected.
+            results = []
+            for row, img in zip(ok, images):
+                try:
+                    results.extend(run([img], [row.category]))
+                except ValueError as exc:
+                    results.append(None)
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    records.append({"row": row.index, "reject": ["processor_refused", f"{row.image}: {first}"]})
         for row, res in zip(ok, results):
+            if res is None:
+                continue
             rec: dict[str, Any] = {"row": row.index, "values": res.values, "snapped": res.snapped}
             if want_probs:
                 rec["logliks"] = res.logliks
@@ -251,6 +269,20 @@ def _other_partials(out: Path, num_processes: int) -> None:
                           f"rerun with --num-processes {count} to resume it, or delete it to start over")
 
 
+def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, out: Path,
+                 probs: str | Path | None) -> Path:
+    """No output may be, hold or sit in an input; each must be writable. Returns the rejects file's path."""
+    rejects_path = out.with_name(out.stem + ".rejects.csv")
+    guard_outputs({"--model": model if model.exists() else None, "--csv": csv, "--images": images,
+                   "--taxonomy": taxonomy},
+                  {"--out": out, "--probs": probs, "the rejects file": rejects_path,
+                   "the resume file": out.with_name(out.name + ".partial")})
+    for what, path in (("--out", out), ("--probs", probs)):
+        if path is not None:
+            check_writable(path, what, "file")
+    return rejects_path
+
+
 def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | Path,
             taxonomy: str | Path | None = None, batch_size: int = 8, probs: str | Path | None = None,
             mode: str = "constrained", image_pattern: str = DEFAULT_IMAGE_PATTERN, dtype: str = "auto",
@@ -273,16 +305,15 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"--num-processes {num_processes} is not positive", "use 1 or more")
     if probs is not None and mode != "constrained":
         raise VlmtaxError("--probs needs --mode constrained", "drop --probs or use constrained decoding")
-    if out.is_dir() or (probs is not None and Path(probs).resolve() == out.resolve()):
-        raise VlmtaxError(f"--out {out} is a folder or the same file as --probs", "pass a CSV file path")
+    if probs is not None and Path(probs).resolve() == out.resolve():
+        raise VlmtaxError(f"--out {out} is the same file as --probs", "pass two different paths")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
     default_device(device)
+    rejects_path = _guard_paths(Path(model), csv, images, taxonomy, out, probs)
     model_dir = inspect_model_dir(model)
     tax = load_taxonomy(model, taxonomy)
     frame = read_csv(csv, "test CSV", ["id", "Category"])
-    if csv.resolve() == out.resolve():
-        raise VlmtaxError("--out would overwrite the test CSV", "pass another --out path")
 
     rows = plan_rows(frame, tax, images, image_pattern)
     batches = make_batches(rows, batch_size)
@@ -317,9 +348,10 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
             raise VlmtaxError(f"{len(missing)} row(s) were not decoded by any process (first: input row {missing[0]})",
                               "rerun the same command to resume")
     seconds = time.perf_counter() - started
-    report = _finish(rows, done, tax, out, probs, mode)
-    for s in shares:
-        s.partial(out, fingerprint).path.unlink(missing_ok=True)
+    partials = [s.partial(out, fingerprint).path for s in shares]
+    report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
+    for path in partials:
+        path.unlink(missing_ok=True)
     report.update(seconds=round(seconds, 3), rows_per_s=round(todo / seconds, 2) if todo else None,
                   forward_calls=forwards, num_processes=num_processes)
     summary = report.pop("summary")
@@ -341,11 +373,16 @@ def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict
 
 
 def _finish(rows: list[Row], done: dict[int, dict[str, Any]], tax: Taxonomy, out: Path, probs: str | Path | None,
-            mode: str) -> dict[str, Any]:
+            mode: str, rejects_path: Path, partials: list[Path]) -> dict[str, Any]:
     """Write rejects, probabilities and the submission (atomically, the submission last); the report."""
     table, rejects, prob_lines = _outputs(rows, done, tax, probs is not None)
-    rejects_path = out.with_name(out.stem + ".rejects.csv")
     write_csv(rejects_path, rejects)
+    if len(rejects) == len(rows):
+        for path in partials:
+            path.unlink(missing_ok=True)
+        top = ", ".join(f"{r} {n}" for r, n in rejects["reason"].value_counts().head(3).items())
+        raise VlmtaxError(f"every row was rejected ({top}); reasons per row in {rejects_path}, no submission written",
+                          "check --images, --image-pattern and that --csv's categories are in the model's taxonomy")
     if probs is not None:
         with atomic_path(probs) as tmp:
             tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prob_lines), encoding="utf-8")

@@ -17,15 +17,27 @@ import pandas as pd
 
 from vlmtax import __version__
 from vlmtax.answer import answer_segments, render_answer, render_prompt
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, image_path, read_category_attributes
+from vlmtax.catalogue import (
+    DEFAULT_IMAGE_PATTERN,
+    MIN_SIDE,
+    REJECT_COLUMNS,
+    ambiguous_rows,
+    geometry_reject,
+    image_path,
+    read_category_attributes,
+)
 from vlmtax.errors import VlmtaxError, first_line
-from vlmtax.fileio import atomic_dir, file_sha256, read_csv, write_json
+from vlmtax.fileio import atomic_dir, check_writable, file_sha256, guard_outputs, read_csv, write_json
 from vlmtax.imagecheck import VERIFY_MODES, cache_file, check_images
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
 
 FORMATS = ("sharegpt", "alpaca")
 MISSING_RULES = ("mode", "mask", "skip")
 PREPARE_META_FILE = "prepare_meta.json"  # not meta.META_FILE (vlmtax_meta.json), which is a run dir's
+# Everything prepare writes. A rerun replaces these and nothing else: a folder holding any other file
+# is refused rather than replaced, so files the user keeps there are never deleted.
+OWN_FILES = frozenset({"train.json", "val.json", "dataset_info.json", "report.json", "taxonomy.json", "val.csv",
+                       "rejects.csv", PREPARE_META_FILE})
 
 
 def _check_out_dir(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -34,8 +46,15 @@ def _check_out_dir(out: Path, fingerprint: dict[str, Any]) -> None:
         return
     if not out.is_dir():
         raise VlmtaxError(f"output path {out} is a file", "pass a folder for --out")
-    if not any(out.iterdir()):
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
         return
+    foreign = [name for name in entries if name not in OWN_FILES]
+    if foreign:
+        raise VlmtaxError(
+            f"output folder {out} holds files prepare did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); replacing the folder would delete them",
+            "choose a new or empty --out folder")
     meta = out / PREPARE_META_FILE
     try:
         old = json.loads(meta.read_text())
@@ -149,6 +168,8 @@ def prepare(
         raise VlmtaxError(f"--val-fraction {val_fraction} is out of range", "use a share in [0, 1)")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the catalogue images")
+    guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model}, {"--out": out})
+    check_writable(out, "--out", "dir")
     filler = normalise(filler) or DEFAULT_FILLER
 
     frame = read_csv(csv, "catalogue CSV", ["id", "Category", "len"])
@@ -194,18 +215,23 @@ def prepare(
             paths[i], reasons[i] = image_path(images, row_id, rel, image_pattern)
             if reasons[i]:
                 details[i] = str(rel if rel is not None else image_pattern)
+    _reject_ambiguous(reasons, details, paths, frame["id"])
     todo = [i for i, r in enumerate(reasons) if r is None]
     sizes: dict[int, tuple[int, int]] = {}
+    min_side = _min_side(processor)
     checks = check_images([str(paths[i]) for i in todo], workers=workers, verify=verify_images,
                           cache=cache_file(images) if image_cache else None)
     for i, (reason, w, h) in zip(todo, checks):
         if reason:
             reasons[i], details[i] = reason, str(paths[i])
+        elif (refused := geometry_reject(w, h, min_side)) is not None:
+            reasons[i], details[i] = refused[0], f"{paths[i]}: {refused[1]}"
         else:
             sizes[i] = (w, h)
 
     ok = [i for i, r in enumerate(reasons) if r is None]
     taxonomy = build_taxonomy(frame.iloc[ok], spec.attributes, declared, filler)
+    _check_filler(taxonomy)
     rows = frame.to_dict("records")  # plain dicts: row access by position is far cheaper than .iloc
 
     # Len-aware filling of slots 1..len; slots past len never enter the answer text.
@@ -252,9 +278,8 @@ def prepare(
             "fix the catalogue or drop --strict to write them to rejects.csv",
         )
     if not records_meta:
-        counts = ", ".join(f"{r}: {n}" for r, n in Counter(r for r in reasons if r).most_common())
-        raise VlmtaxError(f"every row was rejected ({counts}); no training records left",
-                          "see the first rejected row with --strict")
+        _write_rejects_only(out, rejects, fingerprint)
+        raise _all_rejected(rejects, out, images, image_pattern)
 
     kept = [m[0] for m in records_meta]
     is_val = dict(zip(kept, _stratified_split(frame["Category"].iloc[kept].reset_index(drop=True), val_fraction,
@@ -346,3 +371,50 @@ def _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, m
         cat = taxonomy.categories[frame["Category"].iat[i]]
         counts[i] = counter.count(render_prompt(cat), answer_segments(cat, values), *sizes[i])
     return counts
+
+
+def _min_side(processor: Any) -> int:
+    """The model processor's patch size; Qwen2-VL's without --model."""
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    return patch if isinstance(patch, int) else MIN_SIDE
+
+
+def _reject_ambiguous(reasons: list[str | None], details: list[str], paths: list[Path | None], ids: pd.Series) -> None:
+    """Rows whose ids name one image file (`1` and `01`) would train on each other's picture: reject all."""
+    live = [p if r is None else None for p, r in zip(paths, reasons)]
+    for i in ambiguous_rows(live):
+        others = [str(ids.iat[j]) for j, p in enumerate(live) if p == live[i] and j != i]
+        reasons[i], details[i] = "ambiguous_image", f"{live[i]} is also the image of id {', '.join(others[:3])}"
+
+
+def _check_filler(taxonomy: Taxonomy) -> None:
+    """A filler that is also a real label would make scoring drop that label's true rows."""
+    for cat in taxonomy.categories.values():
+        for attr in cat.attributes:
+            if taxonomy.filler in attr.counts:
+                raise VlmtaxError(f"--filler {taxonomy.filler!r} is a real value of {cat.name}/{attr.name}",
+                                  "pass a --filler that no attribute uses (the default is 'dummy')")
+
+
+def _write_rejects_only(out: Path, rejects: pd.DataFrame, fingerprint: dict[str, Any]) -> None:
+    """Nothing to train on: still leave rejects.csv (and the counts) where the user will look."""
+    report = {"rows": len(rejects), "kept": 0, "per_reason": dict(Counter(rejects["reason"]))}
+    with atomic_dir(out) as tmp:
+        rejects.to_csv(tmp / "rejects.csv", index=False)
+        write_json(tmp / "report.json", report)
+        write_json(tmp / PREPARE_META_FILE, {**fingerprint, "vlmtax": __version__})
+
+
+def _all_rejected(rejects: pd.DataFrame, out: Path, images: Path, pattern: str) -> VlmtaxError:
+    counts = Counter(rejects["reason"]).most_common()
+    top = ", ".join(f"{reason} {n}" for reason, n in counts[:3])
+    reason = counts[0][0]
+    if reason in ("missing_image", "image_outside_folder", "ambiguous_image", "bad_id"):
+        first = rejects.loc[rejects["reason"] == reason, "detail"].iat[0]
+        fix = f"check --images {images} and --image-pattern {pattern!r} (first {reason}: {first})"
+    elif reason in ("unknown_category", "len_mismatch"):
+        fix = ("check that --attributes belongs to this catalogue, and the CSV for shifted columns "
+               "(an unquoted comma in a value)")
+    else:
+        fix = "see the reasons per row"
+    return VlmtaxError(f"every row was rejected ({top}); reasons per row in {out / 'rejects.csv'}", fix)

@@ -138,7 +138,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            node[parts[-1]] = raw
+            # Kept as a literal string, `lora.target=[q_proj` once trained LoRA on the vision blocks only.
+            raise VlmtaxError(f"override {item!r}: the value is not valid YAML",
+                              "close brackets and quotes, e.g. lora.target=[q_proj,v_proj] or key='text'") from None
     return data
 
 
@@ -148,6 +150,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise VlmtaxError(f"recipe not found: {path}", "pass a recipe YAML, e.g. recipes/tiny_cpu.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise VlmtaxError(f"recipe {path} is not UTF-8 text (a binary or differently encoded file?)",
+                          "pass a recipe YAML saved as UTF-8, e.g. a copy of recipes/tiny_cpu.yaml") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 import vlmtax
-from vlmtax.fileio import atomic_path, read_csv, write_json
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import atomic_path, check_writable, guard_outputs, read_csv, write_json
 from vlmtax.metric import MetricResult, compute_metric, constant_prediction, modes_from_frame
 from vlmtax.taxonomy import Taxonomy
 
@@ -39,6 +40,13 @@ def score(
     `baseline` is an optional training CSV whose per-attribute modes define the constant baseline;
     without it the taxonomy's modes are used, or, with no taxonomy, the truth's own modes.
     """
+    guard_outputs({"--truth": truth, "--pred": pred, "--taxonomy": taxonomy, "--baseline": baseline},
+                  {"--json": json_out, "--plot": plot})
+    if json_out is not None and plot is not None and Path(json_out).resolve() == Path(plot).resolve():
+        raise VlmtaxError(f"--json and --plot are the same file {json_out}", "pass two different paths")
+    for what, path in (("--json", json_out), ("--plot", plot)):
+        if path is not None:
+            check_writable(path, what, "file")
     truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
     pred_df = read_csv(pred, "prediction CSV", ["id", "Category"])
     tax = Taxonomy.load(taxonomy) if taxonomy is not None else None

@@ -6,6 +6,8 @@ vlmtax_meta.json (written last: its presence marks a finished run) and checkpoin
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 import re
 import shutil
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import write_json
+from vlmtax.fileio import check_writable, guard_outputs, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
@@ -78,6 +80,42 @@ def lora_target_regex(recipe: Recipe) -> str:
     if not recipe.freeze.vision:
         parts.append(rf".*visual\.blocks\.\d+\..*\.(?:{'|'.join(VISION_LINEAR)})")
     return "|".join(f"(?:{p})" for p in parts)
+
+
+def check_logging(recipe: Recipe) -> None:
+    if recipe.log.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise VlmtaxError("log.tensorboard=true but tensorboard is not installed",
+                          "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
+
+
+def check_lora_targets(recipe: Recipe) -> None:
+    """Before any weights load: the LoRA target regex must match a module of the model (built on the meta
+    device from its config), else PEFT fails deep inside, or adapts only the vision blocks."""
+    if recipe.finetuning != "lora":
+        return
+    if isinstance(recipe.lora.target, list) and not recipe.lora.target:
+        raise VlmtaxError("lora.target is an empty list", "use all-linear or module names such as [q_proj, v_proj]")
+    if not Path(recipe.model).is_dir():
+        return  # a hub id: its config may not be reachable; PEFT's own check applies at load time
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first}",
+                          "point model: at a Qwen2-VL model folder") from None
+    pattern = re.compile(lora_target_regex(recipe))
+    names = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not any(pattern.fullmatch(n) for n in names if ".language_model." in f".{n}"):
+        wanted = [recipe.lora.target] if isinstance(recipe.lora.target, str) else recipe.lora.target
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if ".language_model." in f".{n}"})
+        near = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves, n=3, cutoff=0.3)})
+        raise VlmtaxError(f"lora.target {wanted} matches no linear layer of the language model in {recipe.model}"
+                          f" (nearest: {', '.join(near or leaves[:5])})",
+                          f"use all-linear or names from: {', '.join(leaves)}")
 
 
 def lora_config(recipe: Recipe) -> Any:
@@ -158,15 +196,45 @@ def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
     return model
 
 
+_RUN_ENTRIES = re.compile(r"checkpoint-\d+|runs|" + re.escape(META_FILE))
+
+
+def _check_output_dir(recipe: Recipe) -> None:
+    """output_dir must not be (or hold, or sit in) the base model or the data, nor a folder of someone
+    else's files: training writes weights, a model card and checkpoints there."""
+    model = Path(recipe.model)
+    guard_outputs({"model": model if model.exists() else None, "data": recipe.data}, {"output_dir": recipe.output_dir})
+    check_writable(recipe.output_dir, "output_dir", "dir")
+    out = recipe.output_dir
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not any(_RUN_ENTRIES.fullmatch(name) for name in entries):
+        raise VlmtaxError(f"output_dir {out} holds files that are not a vlmtax run ({', '.join(entries[:3])}"
+                          f"{', ...' if len(entries) > 3 else ''}); training would overwrite them",
+                          "choose a new or empty output_dir")
+
+
+def _check_resume_kind(checkpoint: str, recipe: Recipe) -> None:
+    """A LoRA checkpoint holds adapters only, a full one whole weights: resuming across kinds cannot work."""
+    is_lora = (Path(checkpoint) / "adapter_config.json").is_file()
+    if is_lora != (recipe.finetuning == "lora"):
+        kind = "LoRA" if is_lora else "full fine-tuning"
+        raise VlmtaxError(f"checkpoint {checkpoint} is from {kind} but the recipe says finetuning={recipe.finetuning}",
+                          f"resume with finetuning={'lora' if is_lora else 'full'}, or start a new output_dir")
+
+
 def _output_dir_state(recipe: Recipe) -> str | bool | None:
     """What to resume from; refuses to silently overwrite a finished or interrupted run."""
+    _check_output_dir(recipe)
     out = recipe.output_dir
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if out.is_dir() else []
     if isinstance(recipe.resume, str):
         if not Path(recipe.resume).is_dir():
             raise VlmtaxError(f"resume checkpoint {recipe.resume} not found", "pass a checkpoint-N folder or true")
+        _check_resume_kind(recipe.resume, recipe)
         return recipe.resume
     if recipe.resume:
+        if checkpoints:
+            _check_resume_kind(str(checkpoints[-1]), recipe)
         return str(checkpoints[-1]) if checkpoints else None
     if (out / META_FILE).exists():
         raise VlmtaxError(f"output_dir {out} already holds a finished run", "choose another output_dir")
@@ -194,6 +262,8 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
     recipe = load_recipe(recipe_path, overrides)
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
+        check_logging(recipe)
+        check_lora_targets(recipe)
         _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
     return train(recipe)
@@ -209,7 +279,9 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
             raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
+    check_logging(recipe)
     resume_from = _output_dir_state(recipe)
+    check_lora_targets(recipe)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # LoRA initialisation draws from the global RNG: same seed, same run

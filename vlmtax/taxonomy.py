@@ -8,6 +8,7 @@ each attribute also records the CSV column it came from so that predictions land
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -21,13 +22,19 @@ N_SLOTS = 10
 SLOT_COLUMNS = [f"attr_{i}" for i in range(1, N_SLOTS + 1)]
 DEFAULT_FILLER = "dummy"
 _WS = re.compile(r"\s+")
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
 
 def normalise(value: object) -> str | None:
-    """Strip, collapse inner whitespace, lower-case; empty or NaN becomes None (a missing label)."""
+    """NFKC, drop zero-width characters, strip, collapse inner whitespace, lower-case; empty or NaN becomes
+    None (a missing label). NFKC folds look-alikes (full-width letters, non-breaking spaces) so that they do
+    not become values of their own."""
     if value is None or (isinstance(value, float) and value != value):
         return None
-    text = _WS.sub(" ", str(value)).strip().lower()
+    text = str(value)
+    if not text.isascii():  # the common all-ASCII label skips the Unicode work
+        text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
+    text = _WS.sub(" ", text).strip().lower()
     return text or None
 
 

@@ -35,7 +35,7 @@ from vlmtax.decision import (
 )
 from vlmtax.ensemble import DECISION_KIND, Rule, apply_rule, load_inputs
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import file_sha256, read_csv, write_json
+from vlmtax.fileio import check_writable, file_sha256, guard_outputs, read_csv, write_json
 from vlmtax.metric import compute_metric
 from vlmtax.probs import ProbsFile, signature, stack
 from vlmtax.taxonomy import Taxonomy, normalise
@@ -185,6 +185,9 @@ def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: 
     """Choose the decision on validation rows; print the per-attribute table; write decision.json."""
     s = settings or Settings()
     check_settings(s)
+    guard_outputs({"--truth": truth, "--taxonomy": taxonomy, **{f"probs file {p}": p for p in probs}},
+                  {"--out": out})
+    check_writable(out, "--out")
     files, tax = load_inputs(probs, taxonomy)
     truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
     attrs = attr_data(files, truth_df, tax)
