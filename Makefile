@@ -2,13 +2,14 @@
 #   make demo   set up .venv, then run the whole pipeline on the synthetic catalogue and tiny model
 #   make test   set up .venv, then run the test suite (what CI runs: every test)
 #   make test-fast   the same without the tests marked slow (the inner loop, a few minutes)
+#   make gpu-check  the GPU paths (fp16, bf16, 4-bit QLoRA, liger) on the tiny model; skips without CUDA
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ bench: setup
 	$(PY) bench/prepare.py
 	$(PY) bench/sft.py
 	$(PY) bench/predict.py
+
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) demo_work bench/_work

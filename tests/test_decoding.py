@@ -136,3 +136,43 @@ def test_free_decoding_snaps_to_allowed_values(untrained, rows):
         assert all(res.values[a.name] in a.values for a in cat.attributes)
         assert 0 <= res.snapped <= len(cat.attributes)
     assert sum(r.snapped for r in results) > 0  # a random model does not write the format
+
+
+def test_scores_are_computed_in_bounded_chunks(untrained, rows, monkeypatch):
+    """No head call projects more positions than the chunk bound allows, and chunking changes no score."""
+    import vlmtax.decoding as decoding
+
+    model, processor = untrained
+    images, categories = rows[0][:4], rows[1][:4]
+    whole = ConstrainedDecoder(model, processor).decode(images, categories)
+    decoder = ConstrainedDecoder(model, processor)
+    monkeypatch.setattr(decoding, "LOGIT_CHUNK_ELEMENTS", decoder.vocab_size * 5)
+    head, sizes = decoder.head, []
+
+    def recording_head(hidden):
+        sizes.append(hidden.shape[:-1].numel())
+        return head(hidden)
+
+    decoder.head = recording_head
+    chunked = decoder.decode(images, categories)
+    assert sizes and max(sizes) <= 5
+    for a, b in zip(whole, chunked):
+        assert a.values == b.values
+        for name in a.logliks:
+            assert a.logliks[name] == pytest.approx(b.logliks[name], abs=1e-5)
+
+
+def test_decoder_refuses_flash_attention_and_non_finite_scores(untrained, rows):
+    from types import SimpleNamespace
+
+    from vlmtax.errors import VlmtaxError
+
+    fake = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(VlmtaxError, match="sdpa or eager.*flash_attention_2"):
+        ConstrainedDecoder(fake, untrained[1])
+    decoder = ConstrainedDecoder(*untrained)
+    head = decoder.head
+    decoder.head = lambda hidden: head(hidden) * float("inf")  # what an fp16 overflow leaves behind
+    with pytest.raises(VlmtaxError, match=r"non-finite value scores while decoding in float32") as err:
+        decoder.decode(rows[0][:2], rows[1][:2])
+    assert "--dtype fp32" in err.value.fix

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -166,3 +168,34 @@ def test_cli_smoke(trained_run_dir, case, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "model folder not found" in errors[0]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_dir, prepared_dir, case, tmp_path):
+    """Batch n goes to process n mod 2; process 1 is killed after its first batch; the rerun decodes only what
+    is missing and writes files byte-identical to a one-process run."""
+    root = Path(__file__).resolve().parents[1]
+    csv, images = case
+    common = dict(taxonomy=prepared_dir / "taxonomy.json", batch_size=4)
+    one = tmp_path / "one.csv"
+    report = predict(model=tiny_model_dir, csv=csv, images=images, out=one, probs=tmp_path / "one.jsonl", **common)
+    args = ["--model", tiny_model_dir, "--csv", csv, "--images", images, "--out", tmp_path / "two.csv",
+            "--taxonomy", common["taxonomy"], "--batch-size", "4", "--probs", tmp_path / "two.jsonl"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    killed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(root / "tests" / "kill_rank1.py"),
+         "predict", *map(str, args)], capture_output=True, text=True, timeout=300, env={**env, "VLMTAX_LAUNCHED": "1"})
+    assert killed.returncode != 0 and not (tmp_path / "two.csv").exists()
+    share1 = tmp_path / "two.csv.partial.1-of-2"
+    assert len(share1.read_text().splitlines()) == 1 + 4, killed.stderr[-3000:]  # fingerprint + one batch
+
+    proc = subprocess.run([sys.executable, "-m", "vlmtax", "predict", *map(str, args), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decoded = int(re.search(r"decoded (\d+) rows", proc.stdout).group(1))
+    assert 0 < decoded <= report["predicted"] - 4
+    assert (tmp_path / "two.csv").read_bytes() == one.read_bytes()
+    assert (tmp_path / "two.rejects.csv").read_bytes() == (tmp_path / "one.rejects.csv").read_bytes()
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("two.csv.partial*"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +120,24 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "vlmtax_meta.json").read_text())
     assert meta["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_model_dir, prepared_dir, tmp_path):
+    """Rank 1 alone sees a NaN loss; both ranks must stop with one same error instead of rank 0 hanging."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(root / "tests" / "nan_on_rank1.py"),
+         "sft", str(TINY_RECIPE), *tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "nan", "finetuning=lora",
+                                                  "train.max_steps=2", "train.eval=false")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "VLMTAX_LAUNCHED": "1", "PYTHONPATH": str(root)},
+    )
+    errors = re.findall(r"error: .*", proc.stderr)  # a rank's progress bar may share its line
+    assert proc.returncode != 0
+    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    assert "non-finite loss at step 0 on 1 of 2 processes" in errors[0]
 
 
 def _cli_sft(*args: str) -> subprocess.CompletedProcess:

@@ -151,3 +151,14 @@ def test_cli_builds_and_refuses_overwrite(tmp_path):
     clash = subprocess.run([sys.executable, "-m", "vlmtax", "tiny-model", str(out), "--seed", "3"],
                            capture_output=True, text=True, env=env)
     assert clash.returncode == 2 and "already exists" in clash.stderr
+
+
+def test_vocab_size_pads_the_embedding(tmp_path):
+    out = build_tiny_model(tmp_path / "wide", seed=0, vocab_size=4096)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.text_config.vocab_size == 4096
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 4096
+    with pytest.raises(VlmtaxError, match="smaller than the tokenizer"):
+        build_tiny_model(tmp_path / "narrow", vocab_size=100)
+    with pytest.raises(VlmtaxError, match="another seed or build"):
+        build_tiny_model(out, seed=0)  # the default width is another build

@@ -80,11 +80,12 @@ def synth(
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="New folder for the model (kept if it holds this seed's build).")],
     seed: Annotated[int, typer.Option(help="Weight-initialisation seed.")] = 0,
+    vocab_size: Annotated[int | None, typer.Option(help="Pad the embedding to N rows (Qwen2-VL: 151936).")] = None,
 ) -> None:
     """Build a tiny, randomly initialised Qwen2-VL (tokenizer, processor, weights) for tests and the demo."""
     from vlmtax.tiny_model import build_tiny_model
 
-    out = build_tiny_model(out_dir, seed=seed)
+    out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
     typer.echo(f"tiny Qwen2-VL written to {out}")
 
 
@@ -154,11 +155,12 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="A finished LoRA run dir (or one of its checkpoint-N folders).")],
     out: Annotated[Path, typer.Option(help="Merged model folder.")],
     dtype: Annotated[DType, typer.Option(help="Weights dtype of the merged model.")] = DType.auto,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
 ) -> None:
     """Fold a LoRA adapter into its base model and verify the result."""
     from vlmtax.merge import merge as run
 
-    run(run_dir, out, dtype=dtype.value)
+    run(run_dir, out, dtype=dtype.value, device=device)
 
 
 @app.command()
@@ -175,12 +177,15 @@ def predict(
     ),
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     dtype: Annotated[DType, typer.Option(help="Inference dtype (auto: fp32 on CPU, bf16/fp16 on GPU).")] = DType.auto,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel processes (accelerate launch).")] = 1,
 ) -> None:
     """Predict attribute values for a test CSV and write a submission CSV."""
     from vlmtax.predict import predict as run
 
     run(model=model, csv=csv, images=images, out=out, taxonomy=taxonomy, batch_size=batch_size,
-        probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value)
+        probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value, device=device,
+        num_processes=num_processes)
 
 
 @app.command()

@@ -16,7 +16,8 @@ attributes of a category in it), never one on a token that the format or the voc
 3. The values' cache entries are cropped away; the chosen value is fed as forced text in the next step.
 
 Cost: a step processes rows x (forced + all value tokens) tokens; memory is one KV cache row per input
-row (values never get cache copies of the prompt), plus (rows, values' tokens, vocabulary) logits.
+row (values never get cache copies of the prompt). Value scores are `logit[target] - logsumexp(logits)`
+over chunks of positions, so the full (rows, values' tokens, vocabulary) logits never exist at once.
 
 Every piece is tokenised segment by segment with `chat.SegmentTokenizer`, exactly as in training.
 """
@@ -30,7 +31,11 @@ import torch
 
 from vlmtax.answer import VALUE_PREFIX, key_text, parse_answer, render_prompt, snap
 from vlmtax.chat import SegmentTokenizer, prompt_text
+from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Category
+
+# fp32 logits scored at once (16 MiB): 27 positions of Qwen2-VL's 151,936-token vocabulary.
+LOGIT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,13 @@ class ConstrainedDecoder:
 
     def __init__(self, model: Any, processor: Any):
         self.model, self.processor = model, processor
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in (None, "sdpa", "eager"):
+            raise VlmtaxError(f"constrained decoding needs sdpa or eager attention, not {impl}: it scores every "
+                              "value through a custom 4D attention mask, which flash attention cannot take",
+                              "load the model with attn_implementation='sdpa' (vlmtax's loaders do)")
         self.head = model.get_output_embeddings()
+        self.vocab_size = self.head.weight.shape[0]
         self.plans = AnswerPlans(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
         self.mrope = hasattr(model.model, "get_rope_index")
@@ -175,6 +186,25 @@ class ConstrainedDecoder:
             step += 1
         return results
 
+    def _target_logprobs(self, hidden: torch.Tensor, first: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(rows, 1 + S, K) log-probabilities: position 0 of the K first tokens, positions 1.. of their one
+        target each (column 0). Computed as logit[target] - logsumexp(logits) over chunks of positions, so the
+        fp32 logits held at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""
+        rows, width, _ = hidden.shape
+        k = first.shape[1]
+        index = torch.zeros((rows, width, k), dtype=torch.long, device=hidden.device)
+        index[:, 0] = first
+        index[:, 1:, 0] = target
+        flat, index = hidden.reshape(rows * width, -1), index.reshape(rows * width, k)
+        picked = torch.empty((rows * width, k), dtype=torch.float32, device=hidden.device)
+        step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab_size)
+        for start in range(0, rows * width, step):
+            logits = self.head(flat[start: start + step]).float()
+            picked[start: start + step] = logits.gather(1, index[start: start + step]) - \
+                torch.logsumexp(logits, dim=-1, keepdim=True)
+            del logits
+        return picked.view(rows, width, k)
+
     def _step(self, cache: Any, keymask: torch.Tensor | None, next_pos: torch.Tensor, forced: list[tuple[int, ...]],
               slots: list[Slot], prompt: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any, torch.Tensor,
                                                                                  torch.Tensor]:
@@ -211,11 +241,17 @@ class ConstrainedDecoder:
         self.forward_calls += 1
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
         # The last forced token predicts each value's first token; value tokens predict the rest and the closer.
-        logp = torch.log_softmax(self.head(out.last_hidden_state[:, c_max - 1:]).float(), dim=-1)
-        first_lp = logp[:, 0].gather(1, as_t(first))
-        token_lp = logp[:, 1:].gather(2, as_t(target)[..., None]).squeeze(-1)
+        picked = self._target_logprobs(out.last_hidden_state[:, c_max - 1:], as_t(first), as_t(target))
+        first_lp, token_lp = picked[:, 0], picked[:, 1:, 0]
         sums = torch.zeros((len(slots), k_max + 1), device=device).scatter_add_(1, as_t(owner), token_lp)
-        scores = (first_lp + sums[:, :k_max]).masked_fill(~as_t(valid).bool(), float("-inf")).cpu()
+        valid_t = as_t(valid).bool()
+        scores = first_lp + sums[:, :k_max]
+        if not torch.isfinite(scores[valid_t]).all():
+            raise VlmtaxError(
+                f"non-finite value scores while decoding in {str(self.model.dtype).removeprefix('torch.')} "
+                f"(attribute {slots[0].attribute!r}): the activations overflowed",
+                "predict with --dtype fp32 (or bf16 on a GPU that has it); fp16 overflows in Qwen2-VL")
+        scores = scores.masked_fill(~valid_t, float("-inf")).cpu()
         cache = out.past_key_values
         cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text
         keymask = torch.cat([keymask, group[:, :c_max] == 0], dim=1)

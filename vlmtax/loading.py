@@ -1,4 +1,5 @@
-"""Model loading for merge and predict: what a model folder holds, and how it comes back as a plain model.
+"""Model loading for sft, merge and predict: dtypes and the hardware's precision, what a model folder holds,
+and how it comes back as a plain model.
 
 A folder is one of: a LoRA run dir (or one of its checkpoint-N folders: adapter + the base named in
 vlmtax_meta.json), a merged dir, a full fine-tuning run dir, or a base model (plain weights). Prediction
@@ -24,6 +25,51 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TAXONOMY_FILE = "taxonomy.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def bf16_supported(device: torch.device | str | None = None) -> bool:
+    """bf16 in hardware: CUDA compute capability 8.0 or newer (A100, L4, H100, RTX 30xx+). Not
+    `torch.cuda.is_bf16_supported()`: it counts emulation and says True on a T4 (sm_75) or V100 (sm_70),
+    where bf16 then runs emulated and slow while the fp16 path is never taken."""
+    if not torch.cuda.is_available():
+        return False
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    bf16_ok: bool
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, bf16_ok=cuda and bf16_supported())
+
+
+def gpu_precision(preferred: str | None, device: torch.device) -> str:
+    """The 16/32-bit precision to run in on `device`: fp32 on the CPU; on a GPU `preferred` (a run's training
+    precision, bf16 when unknown), with bf16 turned into fp16 where the GPU has no bf16 in hardware."""
+    if device.type != "cuda":
+        return "fp32"
+    precision = preferred if preferred in DTYPES else "bf16"
+    if precision == "bf16" and not bf16_supported(device):
+        return "fp16"
+    return precision
+
+
+def check_dtype(name: str, device: torch.device) -> torch.dtype:
+    """An explicitly named dtype; bf16 is refused on a GPU without it (it would run emulated)."""
+    if name not in DTYPES:
+        raise VlmtaxError(f"unknown dtype {name!r}", f"use auto or one of {', '.join(DTYPES)}")
+    if name == "bf16" and device.type == "cuda" and not bf16_supported(device):
+        raise VlmtaxError(f"{device} has no bf16 support (T4/V100 class, compute capability below 8.0)",
+                          "use --dtype fp16 or auto")
+    return DTYPES[name]
 
 
 @dataclass
@@ -96,32 +142,42 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
 
 
 def resolve_dtype(name: str, model_dir: ModelDir | None, device: torch.device) -> torch.dtype:
-    """auto: fp32 on the CPU; on a GPU the run's training precision (bf16/fp16), else bf16 where supported."""
+    """auto: fp32 on the CPU; on a GPU the run's training precision (bf16/fp16), bf16 only where supported."""
     if name != "auto":
-        if name not in DTYPES:
-            raise VlmtaxError(f"unknown dtype {name!r}", f"use auto or one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    if device.type != "cuda":
-        return torch.float32
-    precision = (model_dir.meta.get("precision") if model_dir else None) or "bf16"
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        precision = "fp16"
-    return DTYPES.get(precision, torch.float32)
+        return check_dtype(name, device)
+    return DTYPES[gpu_precision(model_dir.meta.get("precision") if model_dir else None, device)]
+
+
+_DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
 
 
 def default_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`--device` (cpu, cuda, cuda:N) checked against the machine; default: the first GPU, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE.fullmatch(device):
+        raise VlmtaxError(f"unknown device {device!r}", "use cpu, cuda or cuda:N")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VlmtaxError(f"--device {device}: no CUDA GPU is visible", "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VlmtaxError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible",
+                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
-def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False) -> Any:
-    """Plain `from_pretrained` in one dtype (never quantised: merges and predictions run on 16/32-bit weights)."""
+def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False,
+                 **extra: Any) -> Any:
+    """`from_pretrained` in one dtype. Merges and predictions run on plain 16/32-bit weights; only sft passes
+    `extra` (a quantization_config with its per-rank device_map)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
     try:
         # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
         return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
-                                                           trust_remote_code=trust_remote_code)
+                                                           trust_remote_code=trust_remote_code, **extra)
     except SafetensorError as exc:
         raise VlmtaxError(f"the weights of {what} {source} are damaged ({exc})",
                           "restore the folder (a truncated or empty model.safetensors), or re-create it") from None

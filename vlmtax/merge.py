@@ -31,8 +31,10 @@ from vlmtax.loading import (
     TAXONOMY_FILE,
     ModelDir,
     attach_adapter,
+    check_dtype,
     default_device,
     fold_adapter,
+    gpu_precision,
     inspect_model_dir,
     load_processor,
     load_taxonomy,
@@ -123,13 +125,15 @@ def _check_out(out: Path, run_dir: Path, base: str | None = None, data: str | No
             raise VlmtaxError(f"--out {out} already holds something else", "choose an empty or new folder for --out")
 
 
-def _merge_dtype(name: str, model_dir: ModelDir) -> torch.dtype:
-    """auto = the run's training precision (its compute dtype for QLoRA), fp32 when unknown."""
-    if name == "auto":
-        return DTYPES.get(model_dir.meta.get("precision") or "fp32", torch.float32)
-    if name not in DTYPES:
-        raise VlmtaxError(f"unknown dtype {name!r}", f"use auto or one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def merge_dtype(name: str, model_dir: ModelDir, device: torch.device) -> torch.dtype:
+    """auto = the run's training precision (its compute dtype for QLoRA), fp32 when unknown; on a GPU without
+    bf16 in hardware a bf16 run merges in fp16 (the same rule as predict)."""
+    if name != "auto":
+        return check_dtype(name, device)
+    precision = model_dir.meta.get("precision")
+    if device.type == "cuda":
+        precision = gpu_precision(precision or "fp32", device)
+    return DTYPES.get(precision or "fp32", torch.float32)
 
 
 def save_merged(model: Any, processor: Any, taxonomy: Taxonomy, model_dir: ModelDir, folder: Path,
@@ -159,8 +163,11 @@ def verify(v: Verification, stage: str) -> None:
             "merge in fp32 (--dtype fp32); if it persists, report it with the run's vlmtax_meta.json")
 
 
-def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path | None:
-    """Fold the run's adapter into its base, verify, write `out` atomically; None for runs that need no merge."""
+def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto", device: str | None = None) -> Path | None:
+    """Fold the run's adapter into its base, verify, write `out` atomically; None for runs that need no merge.
+
+    `device`: cpu, cuda or cuda:N (default: the first GPU, else the CPU). A QLoRA run whose 16-bit reload does
+    not fit the GPU merges with device="cpu" (see docs/troubleshooting.md for the RAM it needs)."""
     run_dir, out = Path(run_dir), Path(out)
     model_dir = inspect_model_dir(run_dir)
     if model_dir.kind != "adapter":
@@ -169,14 +176,14 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path | N
               f"Use it as it is: vlmtax predict --model {run_dir} ...", flush=True)
         return None
     _check_out(out, run_dir, model_dir.base, model_dir.meta.get("data"))
-    torch_dtype = _merge_dtype(dtype, model_dir)
-    device = default_device()
+    dev = default_device(device)
+    torch_dtype = merge_dtype(dtype, model_dir, dev)
     taxonomy = load_taxonomy(run_dir, None)
     remote = model_dir.trust_remote_code
     processor = load_processor(model_dir.path, fallback=model_dir.base, padding_side=None, trust_remote_code=remote)
     batch, source = probe_inputs(processor, taxonomy, model_dir.meta)
 
-    peft_model = attach_adapter(load_weights(model_dir.base, torch_dtype, "base model", remote), model_dir).to(device)
+    peft_model = attach_adapter(load_weights(model_dir.base, torch_dtype, "base model", remote), model_dir).to(dev)
     adapter = probe_logits(peft_model, batch)
     with peft_model.disable_adapter():
         base = probe_logits(peft_model, batch)
@@ -194,7 +201,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path | N
                         finetuning="lora", data=model_dir.meta.get("data"), source_meta=sft_meta)
         save_merged(merged_model, processor, taxonomy, model_dir, tmp, meta)
         del merged_model, peft_model
-        reloaded = probe_logits(load_weights(tmp, torch_dtype, "merged model", remote).to(device), batch)
+        reloaded = probe_logits(load_weights(tmp, torch_dtype, "merged model", remote).to(dev), batch)
         check.reloaded_vs_adapter = _max_diff(reloaded, adapter)
         verify(check, "reloaded")
         meta["verification"] = asdict(check)

@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -183,6 +185,90 @@ def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonom
             pd.DataFrame(rejects, columns=REJECT_COLUMNS), prob_lines)
 
 
+@dataclass(frozen=True)
+class Share:
+    """The batches one process decodes: every `count`-th batch from `index` (one process: all of them).
+    Each share has its own partial file, so any process can be killed and its share resumed."""
+
+    index: int = 0
+    count: int = 1
+
+    def pick(self, batches: list[list[Row]]) -> list[tuple[int, list[Row]]]:
+        return [(n, b) for n, b in enumerate(batches) if n % self.count == self.index]
+
+    def partial(self, out: Path, fingerprint: dict[str, Any]) -> Partial:
+        name = f"{out.name}.partial" if self.count == 1 else f"{out.name}.partial.{self.index}-of-{self.count}"
+        return Partial(out.with_name(name), {**fingerprint, "share": [self.index, self.count]}
+                       if self.count > 1 else fingerprint)
+
+
+def launched_share() -> Share | None:
+    """This process's share when `predict --num-processes N` launched it (accelerate/torchrun set RANK)."""
+    if "VLMTAX_LAUNCHED" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return Share(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    return None
+
+
+def _decode_share(share: Share, model_path: Path, batches: list[list[Row]], partial: Partial, mode: str,
+                  want_probs: bool, dtype: str, device: str | None,
+                  on_batch: Callable[[int], None] | None) -> tuple[dict[int, dict[str, Any]], int, int]:
+    """Decode the share's batches still missing from its partial file: (rows done, rows decoded, forwards)."""
+    done = partial.load()
+    pending = [(n, b) for n, b in share.pick(batches) if any(r.index not in done for r in b)]
+    if not pending:
+        return done, 0, 0
+    from vlmtax.decoding import ConstrainedDecoder
+    from vlmtax.loading import load_for_inference
+
+    loaded, processor, _ = load_for_inference(model_path, dtype=dtype, device=device)
+    decoder = ConstrainedDecoder(loaded, processor)
+
+    def run() -> Iterator[dict[str, Any]]:
+        for n, batch in pending:
+            fresh = [r for r in _decode_batch(decoder, batch, mode, want_probs) if r["row"] not in done]
+            partial.append(fresh)
+            done.update((r["row"], r) for r in fresh)
+            if on_batch is not None:
+                on_batch(n)
+            yield from fresh
+
+    todo = sum(r.index not in done for _, b in pending for r in b)
+    desc = f"predicting ({mode})" + (f", share {share.index + 1} of {share.count}" if share.count > 1 else "")
+    for _ in progress_iter(run(), total=todo, desc=desc, unit="rows"):
+        pass
+    return done, todo, decoder.forward_calls
+
+
+def _launch(num_processes: int, argv: list[str]) -> None:
+    """Data-parallel prediction: `accelerate launch` N copies of `vlmtax predict` (the same mechanism as sft;
+    --multi_gpu is accelerate's torchrun launcher, which starts CPU processes too)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           "-m", "vlmtax", "predict", *argv]
+    proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
+    if proc.returncode != 0:
+        raise VlmtaxError(f"a prediction process exited with code {proc.returncode}; the finished shares are kept",
+                          "rerun the same command to resume")
+
+
+def _rank_device(device: str | None) -> str | None:
+    """Each launched process on its own GPU (cuda:LOCAL_RANK) unless --device names one."""
+    import torch
+
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def _other_partials(out: Path, num_processes: int) -> None:
+    mine = f"{out.name}.partial" if num_processes == 1 else f"{out.name}.partial.*-of-{num_processes}"
+    others = [p for p in out.parent.glob(f"{out.name}.partial*") if not p.match(mine) and ".tmp" not in p.name]
+    if others:
+        count = others[0].name.rsplit("-of-", 1)[-1] if "-of-" in others[0].name else "1"
+        raise VlmtaxError(f"{others[0]} holds an interrupted prediction made with --num-processes {count}",
+                          f"rerun with --num-processes {count} to resume it, or delete it to start over")
+
+
 def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, out: Path,
                  probs: str | Path | None) -> Path:
     """No output may be, hold or sit in an input; each must be writable. Returns the rejects file's path."""
@@ -200,24 +286,30 @@ def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | No
 def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | Path,
             taxonomy: str | Path | None = None, batch_size: int = 8, probs: str | Path | None = None,
             mode: str = "constrained", image_pattern: str = DEFAULT_IMAGE_PATTERN, dtype: str = "auto",
-            device: str | None = None, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+            device: str | None = None, num_processes: int = 1,
+            on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the submission CSV (and `<out stem>.rejects.csv`, and `probs` if given); returns a summary.
 
+    `num_processes` > 1: N launched processes decode disjoint shares of the batches (batch n goes to process
+    n mod N) into their own partial files; this process writes the final files once every share is complete.
     `on_batch(n)` is called after the n-th decoded batch has been saved (progress hooks, tests).
     """
-    from vlmtax.loading import inspect_model_dir, load_taxonomy
+    from vlmtax.loading import default_device, inspect_model_dir, load_taxonomy
 
     csv, images, out = Path(csv), Path(images), Path(out)
     if mode not in MODES:
         raise VlmtaxError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise VlmtaxError(f"--batch-size {batch_size} is not positive", "use 1 or more")
+    if num_processes < 1:
+        raise VlmtaxError(f"--num-processes {num_processes} is not positive", "use 1 or more")
     if probs is not None and mode != "constrained":
         raise VlmtaxError("--probs needs --mode constrained", "drop --probs or use constrained decoding")
     if probs is not None and Path(probs).resolve() == out.resolve():
         raise VlmtaxError(f"--out {out} is the same file as --probs", "pass two different paths")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
+    default_device(device)
     rejects_path = _guard_paths(Path(model), csv, images, taxonomy, out, probs)
     model_dir = inspect_model_dir(model)
     tax = load_taxonomy(model, taxonomy)
@@ -229,35 +321,65 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
                    "taxonomy_sha256": hashlib.sha256(tax.model_dump_json().encode()).hexdigest(), "mode": mode,
                    "batch_size": batch_size, "image_pattern": image_pattern, "probs": probs is not None,
                    "dtype": dtype}
-    partial = Partial(out.with_name(out.name + ".partial"), fingerprint)
-    done = partial.load()
-    pending = [(n, b) for n, b in enumerate(batches) if any(r.index not in done for r in b)]
-    decoder, started, todo = None, time.perf_counter(), 0
-    if pending:
-        from vlmtax.decoding import ConstrainedDecoder
-        from vlmtax.loading import load_for_inference
-
-        loaded, processor, _ = load_for_inference(model_dir.path, dtype=dtype, device=device)
-        decoder = ConstrainedDecoder(loaded, processor)
-
-        def run() -> Iterator[dict[str, Any]]:
-            for n, batch in pending:
-                fresh = [r for r in _decode_batch(decoder, batch, mode, probs is not None) if r["row"] not in done]
-                partial.append(fresh)
-                done.update((r["row"], r) for r in fresh)
-                if on_batch is not None:
-                    on_batch(n)
-                yield from fresh
-
-        todo = sum(r.index not in done for _, b in pending for r in b)
-        for _ in progress_iter(run(), total=todo, desc=f"predicting ({mode})", unit="rows"):
-            pass
+    want_probs = probs is not None
+    share = launched_share()
+    if share is not None:  # a launched process: its share only; the launching process writes the outputs
+        _, todo, _ = _decode_share(share, model_dir.path, batches, share.partial(out, fingerprint), mode, want_probs,
+                                   dtype, _rank_device(device), on_batch)
+        return {"share": [share.index, share.count], "decoded": todo}
+    _other_partials(out, num_processes)
+    shares = [Share(i, num_processes) for i in range(num_processes)]
+    started, forwards = time.perf_counter(), 0
+    if num_processes == 1:
+        done, todo, forwards = _decode_share(shares[0], model_dir.path, batches, shares[0].partial(out, fingerprint),
+                                             mode, want_probs, dtype, device, on_batch)
+    else:
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in
+                {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy,
+                 "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern,
+                 "dtype": dtype, "device": device}.items() if v is not None]
+        done = _merged(shares, out, fingerprint)
+        todo = sum(r.index not in done for b in batches for r in b)
+        if todo:
+            _launch(num_processes, argv)
+            done = _merged(shares, out, fingerprint)
+        missing = [r.index for b in batches for r in b if r.index not in done]
+        if missing:
+            raise VlmtaxError(f"{len(missing)} row(s) were not decoded by any process (first: input row {missing[0]})",
+                              "rerun the same command to resume")
     seconds = time.perf_counter() - started
+    partials = [s.partial(out, fingerprint).path for s in shares]
+    report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
+    for path in partials:
+        path.unlink(missing_ok=True)
+    report.update(seconds=round(seconds, 3), rows_per_s=round(todo / seconds, 2) if todo else None,
+                  forward_calls=forwards, num_processes=num_processes)
+    summary = report.pop("summary")
+    if todo:
+        summary += f"; decoded {todo} rows at {todo / seconds:.1f} rows/s"
+        if num_processes > 1:
+            summary += f" with {num_processes} processes"
+    if mode == "free":
+        summary += f"; {report['snapped']} of {report['slots']} generated values were not allowed and were snapped"
+    print(summary, flush=True)
+    return report
 
+
+def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    for s in shares:
+        done.update(s.partial(out, fingerprint).load())
+    return done
+
+
+def _finish(rows: list[Row], done: dict[int, dict[str, Any]], tax: Taxonomy, out: Path, probs: str | Path | None,
+            mode: str, rejects_path: Path, partials: list[Path]) -> dict[str, Any]:
+    """Write rejects, probabilities and the submission (atomically, the submission last); the report."""
     table, rejects, prob_lines = _outputs(rows, done, tax, probs is not None)
     write_csv(rejects_path, rejects)
     if len(rejects) == len(rows):
-        partial.path.unlink(missing_ok=True)
+        for path in partials:
+            path.unlink(missing_ok=True)
         top = ", ".join(f"{r} {n}" for r, n in rejects["reason"].value_counts().head(3).items())
         raise VlmtaxError(f"every row was rejected ({top}); reasons per row in {rejects_path}, no submission written",
                           "check --images, --image-pattern and that --csv's categories are in the model's taxonomy")
@@ -265,22 +387,12 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         with atomic_path(probs) as tmp:
             tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prob_lines), encoding="utf-8")
     write_csv(out, table)
-    partial.path.unlink(missing_ok=True)
-
     predicted = sum(1 for r in done.values() if "values" in r)
-    snapped = sum(r.get("snapped", 0) for r in done.values())
-    slots = sum(len(r["values"]) for r in done.values() if "values" in r)
     report = {"rows": len(rows), "predicted": predicted, "rejected": len(rejects), "mode": mode, "out": str(out),
-              "rejects": str(rejects_path), "probs": str(probs) if probs else None, "seconds": round(seconds, 3),
-              "rows_per_s": round(todo / seconds, 2) if todo else None,
-              "forward_calls": decoder.forward_calls if decoder else 0}
+              "rejects": str(rejects_path), "probs": str(probs) if probs else None,
+              "summary": f"wrote {len(rows)} rows to {out} ({predicted} predicted, {len(rejects)} rejected -> "
+                         f"{rejects_path})"}
     if mode == "free":
-        report.update(snapped=snapped, slots=slots)
-    summary = f"wrote {len(rows)} rows to {out} ({predicted} predicted, {len(rejects)} rejected -> {rejects_path})"
-    if todo:
-        summary += f"; decoded {todo} rows at {todo / seconds:.1f} rows/s"
-    if mode == "free":
-        summary += f"; {snapped} of {slots} generated values were not allowed and were snapped"
-    print(summary, flush=True)
+        report.update(snapped=sum(r.get("snapped", 0) for r in done.values()),
+                      slots=sum(len(r["values"]) for r in done.values() if "values" in r))
     return report
-

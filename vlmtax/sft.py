@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,13 @@ import torch
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import check_writable, guard_outputs, write_json
+from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
 LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Vision-block MLPs: fc1/fc2 in Qwen2-VL, gate/up/down_proj in Qwen2.5-VL.
 VISION_LINEAR = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Hardware:
-    cuda: bool
-    bf16_ok: bool
-
-    @classmethod
-    def detect(cls) -> Hardware:
-        cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported())
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -67,8 +56,6 @@ def check_gpu_features(recipe: Recipe, hw: Hardware) -> None:
             except ImportError:
                 raise VlmtaxError(f"{module} is not installed", f"pip install 'vlmtax[{extra}]'") from None
 
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
@@ -142,36 +129,55 @@ def lora_config(recipe: Recipe) -> Any:
                       task_type="CAUSAL_LM")
 
 
-def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def model_dtype(recipe: Recipe, precision: str) -> torch.dtype:
+    """Weights dtype at load. Full fine-tuning under fp16 or bf16 autocast keeps fp32 master weights: in pure
+    bf16 (8-bit mantissa) most AdamW updates, about lr x weight, round away. LoRA keeps the frozen base in
+    16 bits and only its trainable weights in fp32 (`prepare_model`)."""
+    if precision == "fp32" or recipe.finetuning == "full":
+        return torch.float32
+    return DTYPES[precision]
 
+
+def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
     source = recipe.model
     if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise VlmtaxError(f"model path {source} does not exist", "set model: to a local folder or a hub id")
-    # Full fine-tuning under fp16 keeps fp32 master weights (AMP); LoRA keeps only the adapters in fp32.
-    dtype = torch.float32 if precision == "fp32" or (precision == "fp16" and recipe.finetuning == "full") \
-        else DTYPES[precision]
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
+    kwargs: dict[str, Any] = {}
     quant = quantization_config(recipe, DTYPES[precision])
     if quant is not None:
-        kwargs["quantization_config"] = quant
-    try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise VlmtaxError(f"cannot load model {source!r}: {first}",
-                          "use a local model folder (no hub access?) or check the hub id") from None
+        # bitsandbytes quantises onto the device the weights are loaded to: each rank its own GPU, not all GPU 0.
+        kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
+    processor = load_processor(source, padding_side=None, trust_remote_code=recipe.trust_remote_code)
+    model = load_weights(source, model_dtype(recipe, precision), trust_remote_code=recipe.trust_remote_code,
+                         **kwargs)
+    if recipe.train.liger:
+        apply_liger(model)
     # The pixel budget is saved with the run's processor, so predict sees images exactly as training did.
     processor.image_processor.size = {"shortest_edge": recipe.image.min_pixels,
                                       "longest_edge": recipe.image.max_pixels}
-    if processor.tokenizer.pad_token_id is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor
 
 
+# liger-kernel's patch per model family. Its fused linear cross-entropy and cross-entropy stay off: they
+# replace the model's own loss, and vlmtax computes its loss itself on the answer positions only.
+LIGER_PATCHES = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl", "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
+                 "qwen3_vl": "apply_liger_kernel_to_qwen3_vl"}
+
+
+def apply_liger(model: Any) -> None:
+    """liger's Triton kernels (RoPE, RMSNorm, SwiGLU) patched into this model instance."""
+    import liger_kernel.transformers as liger
+
+    family = model.config.model_type
+    name = LIGER_PATCHES.get(family)
+    if name is None or not hasattr(liger, name):
+        raise VlmtaxError(f"liger-kernel has no patch for model type {family!r}", "set train.liger=false")
+    getattr(liger, name)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                         fused_linear_cross_entropy=False, model=model)
+
+
 def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
-    """Freeze what the recipe freezes, wrap LoRA, keep trainable weights fp32 under fp16 autocast."""
+    """Freeze what the recipe freezes, wrap LoRA, keep trainable weights fp32 under fp16 or bf16 autocast."""
     if recipe.finetuning == "full":
         for name, p in model.named_parameters():
             is_vision = ".visual." in f".{name}" and ".merger." not in name
@@ -183,7 +189,7 @@ def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
     if recipe.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     model = get_peft_model(model, lora_config(recipe))
-    if precision == "fp16":
+    if precision in ("fp16", "bf16"):  # adapters and modules_to_save copies (lm_head, merger) alike
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -238,11 +244,13 @@ def _output_dir_state(recipe: Recipe) -> str | bool | None:
     return None
 
 
-def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int, hw: Hardware) -> None:
-    """Data-parallel run: `accelerate launch` this same command (gloo on the CPU, NCCL on GPUs)."""
+def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> None:
+    """Data-parallel run: `accelerate launch` this same command (gloo on the CPU, NCCL on GPUs).
+
+    `--multi_gpu` is accelerate's torchrun launcher on the CPU too: its `--cpu` launcher starts ONE process
+    whatever --num_processes says. The ranks then find no GPU and join over gloo (training_args: use_cpu)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--multi_gpu"] if hw.cuda else ["--cpu"]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
     cmd += ["-m", "vlmtax", "sft", str(recipe_path), *overrides]
     proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
     if proc.returncode != 0:
@@ -252,14 +260,13 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int, hw: H
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
-    hw = Hardware.detect()
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
         check_logging(recipe)
         check_lora_targets(recipe)
-        _relaunch(Path(recipe_path), list(overrides or []), num_processes, hw)
+        _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
-    return train(recipe, hw)
+    return train(recipe)
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:

@@ -181,14 +181,15 @@ def _build_processor(tokenizer):
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(tokenizer):
-    """Qwen2-VL-2B's architecture at toy sizes; token ids come from `tokenizer`."""
+def tiny_config(tokenizer, vocab_size: int | None = None):
+    """Qwen2-VL-2B's architecture at toy sizes; token ids come from `tokenizer`. `vocab_size` pads the embedding
+    and output layer to a real model's row count (151936 for Qwen2-VL) for memory measurements."""
     from transformers import Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # The real embedding (151936 rows) is padded past the tokenizer (151657 ids); keep such a gap
     # (2866 -> 2944) so code that confuses len(tokenizer) with config.vocab_size fails here too.
-    vocab_size = (len(tokenizer) // 128 + 1) * 128
+    vocab_size = vocab_size or (len(tokenizer) // 128 + 1) * 128
     text = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
@@ -206,7 +207,7 @@ def tiny_config(tokenizer):
     )
 
 
-def _existing(out: Path, seed: int) -> bool:
+def _existing(out: Path, seed: int, vocab_size: int | None) -> bool:
     """True when `out` already holds this very build; raise when it holds anything else."""
     if not out.exists():
         return False
@@ -218,19 +219,21 @@ def _existing(out: Path, seed: int) -> bool:
         meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         meta = None
-    if isinstance(meta, dict) and meta.get("seed") == seed and meta.get("build") == BUILD_VERSION:
+    if isinstance(meta, dict) and meta.get("seed") == seed and meta.get("build") == BUILD_VERSION \
+            and meta.get("vocab_size") == vocab_size:
         return True
     what = f"a tiny model with another seed or build ({meta})" if isinstance(meta, dict) else "other files"
     raise VlmtaxError(f"{out} already exists and holds {what}", "choose another folder or delete it")
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int | None = None) -> Path:
     """Write a tiny random Qwen2-VL (weights, config, generation config, processor) to `out_dir`.
 
     Same seed, same bytes. Returns `out_dir` untouched when it already holds the build for `seed`.
+    `vocab_size` (default: the tokenizer's size rounded up past it) pads the embedding, e.g. to 151936.
     """
     out = Path(out_dir)
-    if _existing(out, seed):
+    if _existing(out, seed, vocab_size):
         return out
 
     import tokenizers
@@ -242,7 +245,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
 
     tokenizer = _build_tokenizer()
     processor = _build_processor(tokenizer)
-    config = tiny_config(tokenizer)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise VlmtaxError(f"--vocab-size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)",
+                          f"use {len(tokenizer)} or more (Qwen2-VL's is 151936)")
+    config = tiny_config(tokenizer, vocab_size)
     # fork_rng: seed the init without disturbing the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -252,8 +258,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     # As Qwen2-VL-2B-Instruct's generation_config, but greedy so tests and demos are reproducible.
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot,
                                                do_sample=False)
-    meta = {"build": BUILD_VERSION, "seed": seed, "vlmtax": vlmtax.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    meta = {"build": BUILD_VERSION, "seed": seed, "vocab_size": vocab_size, "vlmtax": vlmtax.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

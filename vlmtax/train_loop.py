@@ -42,11 +42,23 @@ class GuardedTrainer(SFTTrainer):
             correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == gold).sum()).sum()
             total = self.accelerator.gather_for_metrics(torch.tensor(gold.numel(), device=gold.device)).sum()
         self._metrics[mode]["mean_token_accuracy"].append((correct / total.clamp(min=1)).item())
-        if model.training and not torch.isfinite(loss.detach()).all():
+        if model.training:
+            self._stop_if_non_finite(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _stop_if_non_finite(self, loss: torch.Tensor) -> None:
+        """Every rank stops with the same error: one rank raising alone would leave the others waiting in the
+        next all-reduce. Costs one tiny all-reduce per step, and only with more than one process."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        n_bad = int(bad.item())
+        if n_bad:
             fix = ("fp16 overflows in Qwen2-VL: use precision=bf16 (Ampere or newer), precision=fp32, "
                    "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
-            raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
-        return (loss, outputs) if return_outputs else loss
+            where = f" on {n_bad} of {self.accelerator.num_processes} processes" \
+                if self.accelerator.num_processes > 1 else ""
+            raise VlmtaxError(f"non-finite loss at step {self.state.global_step}{where}", fix)
 
 
 class StartStep(TrainerCallback):
@@ -75,7 +87,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        use_liger_kernel=t.liger,
+        use_liger_kernel=False,  # TRL's switch disables the fused loss for this trainer; sft patches liger itself
         seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -84,6 +96,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         **eval_args(recipe, has_eval),
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.num_workers,
+        use_cpu=not torch.cuda.is_available(),  # launched ranks on a CPU join over gloo only when told so
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; warns on the CPU
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",

@@ -51,7 +51,7 @@ OWNED = {
 }
 # Fields vlmtax's own collator, loss and data path depend on: not settable at all.
 FIXED = ("remove_unused_columns", "prediction_loss_only", "dataset_kwargs", "max_length", "length_column_name",
-         "ddp_find_unused_parameters")
+         "ddp_find_unused_parameters", "use_cpu")
 
 
 def _sft_fields() -> list[str]:

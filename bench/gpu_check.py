@@ -1,0 +1,168 @@
+"""GPU check: the GPU paths of sft -> merge -> predict on the tiny model, one command (`make gpu-check`).
+
+    python bench/gpu_check.py              # on a machine with a CUDA GPU; skips (exit 0, one line) without one
+    python bench/gpu_check.py --cpu        # the same plumbing in fp32 on the CPU (the GPU-only stages skipped)
+
+Stages, each printed with its time and the GPU's peak memory: sft + merge + predict in fp16 (the T4 / V100
+policy: 16-bit base, fp32 adapters under fp16 autocast) and in bf16 (only where the GPU has it: compute
+capability 8.0+); a 4-bit QLoRA run, then merge; a run with liger-kernel on; and constrained-decoding
+scores vs a teacher-forced forward pass in each dtype, within a tolerance printed per dtype. Exits 1 at
+the first failure. Sized to finish well under 8 minutes on one GPU (a few training steps per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLMTAX_PROGRESS", "0")
+
+import torch  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+# Largest allowed |decoder score - teacher-forced score| per value (log-likelihood units): the two compute
+# the same sums through differently shaped attention, so they differ by the dtype's rounding.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
+
+
+class Check:
+    def __init__(self, cuda: bool):
+        self.cuda, self.failed = cuda, False
+
+    def stage(self, name: str, fn: Callable[[], str | None]) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            note = fn()
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the check exits 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
+                  flush=True)
+            self.failed = True
+            raise SystemExit(1) from exc
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if self.cuda else ""
+        print(f"ok   {name} ({time.perf_counter() - start:.1f} s{peak}){': ' + note if note else ''}", flush=True)
+
+
+def _setup(work: Path) -> tuple[Path, Path, Path]:
+    from vlmtax.prepare import prepare
+    from vlmtax.synth import synth
+    from vlmtax.tiny_model import build_tiny_model
+
+    model = build_tiny_model(work / "tiny", seed=0)
+    data = synth(work / "syn", rows=48, test_rows=16, seed=0, image_size=112)
+    prepare(csv=data / "train.csv", images=data / "train_images", attributes=data / "category_attributes.parquet",
+            out=work / "data", model=model, max_pixels=12544, workers=1)
+    return model, work / "data", data
+
+
+def _sft(model: Path, data: Path, out: Path, *extra: str) -> Path:
+    from vlmtax.sft import sft
+
+    return sft(RECIPE, [f"model={model}", f"data={data}", f"output_dir={out}", "finetuning=lora",
+                        "train.max_steps=4", "train.batch_size=8", "train.eval=false", *extra])
+
+
+def _predict(model: Path, syn: Path, out: Path, dtype: str) -> str:
+    from vlmtax.predict import predict
+
+    report = predict(model=model, csv=syn / "test.csv", images=syn / "test_images", out=out, batch_size=8,
+                     dtype=dtype)
+    if report["predicted"] != report["rows"]:
+        raise RuntimeError(f"{report['rows'] - report['predicted']} rows not predicted")
+    return f"{report['predicted']} rows at {report['rows_per_s']} rows/s"
+
+
+def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
+    """Max |constrained score - teacher-forced score| over the chosen values of 8 rows, against TOLERANCE."""
+    import pandas as pd
+    from PIL import Image
+
+    from vlmtax.answer import answer_segments, render_prompt
+    from vlmtax.chat import SegmentTokenizer, prompt_text
+    from vlmtax.decoding import ConstrainedDecoder
+    from vlmtax.loading import load_for_inference, load_taxonomy
+
+    model, processor, _ = load_for_inference(model_dir, dtype=dtype)
+    taxonomy = load_taxonomy(model_dir, None)
+    test = pd.read_csv(syn / "test.csv", dtype=str).head(8)
+    images = [Image.open(syn / "test_images" / f"{int(i):06d}.jpg").convert("RGB") for i in test["id"]]
+    cats = [taxonomy.category(c) for c in test["Category"]]
+    results = ConstrainedDecoder(model, processor).decode(images, cats)
+    worst = 0.0
+    for image, cat, res in zip(images, cats, results):
+        enc = processor(text=[prompt_text(processor, render_prompt(cat))], images=[image], return_tensors="pt")
+        answer, owners = SegmentTokenizer(processor.tokenizer).answer(answer_segments(cat, res.values))
+        ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1).to(model.device)
+        types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(answer), dtype=torch.long)], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types.to(model.device),
+                           pixel_values=enc["pixel_values"].to(model.device),
+                           image_grid_thw=enc["image_grid_thw"].to(model.device)).logits[0]
+        logp, start = torch.log_softmax(logits.float(), -1), enc["input_ids"].shape[1]
+        for attr in cat.attributes:
+            idx = [start + j for j, o in enumerate(owners) if o == attr.name]
+            forced = sum(float(logp[i - 1, ids[0, i]]) for i in [*idx, idx[-1] + 1])
+            chosen = res.logliks[attr.name][attr.values.index(res.values[attr.name])]
+            worst = max(worst, abs(chosen - forced))
+    if worst > TOLERANCE[dtype]:
+        raise RuntimeError(f"{dtype}: max |decoder - teacher forcing| {worst:.3g} > tolerance {TOLERANCE[dtype]}")
+    return f"{dtype}: max |decoder - teacher forcing| {worst:.3g} (tolerance {TOLERANCE[dtype]})"
+
+
+def _pipeline(check: Check, work: Path, model: Path, data: Path, syn: Path, precision: str) -> None:
+    from vlmtax.merge import merge
+
+    run, merged = work / f"run-{precision}", work / f"merged-{precision}"
+    check.stage(f"sft {precision} (LoRA)", lambda: str(_sft(model, data, run, f"precision={precision}")))
+    check.stage(f"merge {precision}", lambda: str(merge(run, merged)))
+    check.stage(f"predict {precision}", lambda: _predict(merged, syn, work / f"pred-{precision}.csv", "auto"))
+    check.stage(f"decoder vs teacher forcing {precision}", lambda: decoder_vs_teacher_forcing(merged, syn, precision))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run the fp32 stages on the CPU (checks the plumbing)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu:
+        print("gpu-check: skipped, no CUDA GPU visible (torch.cuda.is_available() is False)")
+        return 0
+    from vlmtax.loading import bf16_supported
+    from vlmtax.merge import merge
+
+    check = Check(cuda)
+    if cuda:
+        name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        print(f"gpu-check on {name} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, data, syn = _setup(work)
+        if not cuda:
+            _pipeline(check, work, model, data, syn, "fp32")
+        else:
+            _pipeline(check, work, model, data, syn, "fp16")
+            if bf16_supported():
+                _pipeline(check, work, model, data, syn, "bf16")
+            else:
+                print("skip bf16: this GPU has no bf16 in hardware (compute capability below 8.0)", flush=True)
+            check.stage("sft 4-bit QLoRA", lambda: str(_sft(model, data, work / "run-qlora", "quantization=4bit")))
+            check.stage("merge 4-bit QLoRA (16-bit reload)", lambda: str(merge(work / "run-qlora",
+                                                                                work / "merged-qlora")))
+            check.stage("merge 4-bit QLoRA on the CPU", lambda: str(merge(work / "run-qlora", work / "merged-cpu",
+                                                                          device="cpu")))
+            check.stage("sft with liger-kernel", lambda: str(_sft(model, data, work / "run-liger", "train.liger=true")))
+    print(f"gpu-check passed in {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
