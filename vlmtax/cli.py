@@ -68,13 +68,30 @@ def synth(
     typer.echo(f"synthetic catalogue written to {out}")
 
 
-@app.command("tiny-model")
-def tiny_model(out_dir: Path, seed: int = 0) -> None:
-    """Build a tiny, randomly initialised Qwen2-VL (tokenizer, processor, weights) for tests and the demo."""
-    from vlmtax.tiny_model import build_tiny_model
+class Family(str, enum.Enum):
+    qwen2_vl = "qwen2_vl"
+    clip = "clip"
+    siglip = "siglip"
 
-    out = build_tiny_model(out_dir, seed=seed)
-    typer.echo(f"tiny Qwen2-VL written to {out}")
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Path,
+    seed: int = 0,
+    family: Annotated[Family, typer.Option(help="qwen2_vl: a VLM (both routes); clip/siglip: a vision "
+                                                "encoder (classify route).")] = Family.qwen2_vl,
+) -> None:
+    """Build a tiny, randomly initialised model (Qwen2-VL, or a CLIP/SigLIP vision encoder) for tests and the demo."""
+    if family is Family.qwen2_vl:
+        from vlmtax.tiny_model import build_tiny_model
+
+        out = build_tiny_model(out_dir, seed=seed)
+        typer.echo(f"tiny Qwen2-VL written to {out}")
+        return
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    out = build_tiny_vision(out_dir, family=family.value, seed=seed)
+    typer.echo(f"tiny {family.value} vision encoder written to {out}")
 
 
 @app.command()

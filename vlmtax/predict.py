@@ -131,6 +131,8 @@ def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -
             rec: dict[str, Any] = {"row": row.index, "values": res.values, "snapped": res.snapped}
             if want_probs:
                 rec["logliks"] = res.logliks
+                if getattr(res, "probs", None) is not None:  # classify runs give probabilities directly
+                    rec["probs"] = res.probs
             records.append(rec)
     return records
 
@@ -159,7 +161,8 @@ def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonom
         if want_probs:
             attrs = {} if reject or cat is None else {
                 a.name: {"column": a.column, "value": rec["values"][a.name],
-                         "probs": dict(zip(a.values, _softmax(rec["logliks"][a.name])))} for a in cat.attributes}
+                         "probs": rec["probs"][a.name] if "probs" in rec else
+                         dict(zip(a.values, _softmax(rec["logliks"][a.name])))} for a in cat.attributes}
             prob_lines.append({"id": row.id, "Category": row.category_text, "attributes": attrs,
                                **({"reject": reject[0]} if reject else {})})
     return (pd.DataFrame(table, columns=["id", "Category", "len", *SLOT_COLUMNS]),
@@ -187,7 +190,13 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"--out {out} is a folder or the same file as --probs", "pass a CSV file path")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
-    model_dir = inspect_model_dir(model)
+    from vlmtax.heads_predict import heads_run_root
+
+    heads_root = heads_run_root(model)
+    if heads_root is not None and mode != "constrained":
+        raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
+                          "drop --mode free (classify runs predict with the default mode)")
+    model_dir = inspect_model_dir(model) if heads_root is None else None
     tax = load_taxonomy(model, taxonomy)
     frame = read_csv(csv, "test CSV", ["id", "Category"])
     if csv.resolve() == out.resolve():
@@ -203,12 +212,17 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
     done = partial.load()
     pending = [(n, b) for n, b in enumerate(batches) if any(r.index not in done for r in b)]
     decoder, started, todo = None, time.perf_counter(), 0
-    if pending:
+    if pending and heads_root is not None:
+        from vlmtax.heads_predict import HeadsPredictor
+
+        decoder = HeadsPredictor(model, tax, device)
+    elif pending:
         from vlmtax.decoding import ConstrainedDecoder
         from vlmtax.loading import load_for_inference
 
         loaded, processor, _ = load_for_inference(model_dir.path, dtype=dtype, device=device)
         decoder = ConstrainedDecoder(loaded, processor)
+    if pending:
 
         def run() -> Iterator[dict[str, Any]]:
             for n, batch in pending:
