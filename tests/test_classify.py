@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import RECIPES, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import RECIPES, tiny_overrides
 from vlmtax.cli import app
 from vlmtax.errors import VlmtaxError
 from vlmtax.predict import predict
@@ -83,7 +83,8 @@ def test_predict_on_a_heads_run_writes_the_shared_layout(frozen_run, synth_dir, 
 def test_knn_votes_give_probabilities(tiny_clip_dir, prepared_dir, synth_dir, tmp_path):
     run = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, "heads.kind=knn", "heads.mode=frozen",
                "heads.k=3")
-    assert (run / "knn.safetensors").is_file() and json.loads((run / "vlmtax_meta.json").read_text())["global_step"] == 0
+    assert (run / "knn.safetensors").is_file()
+    assert json.loads((run / "vlmtax_meta.json").read_text())["global_step"] == 0
     predict(model=run, csv=synth_dir / "test.csv", images=synth_dir / "test_images", out=tmp_path / "s.csv",
             probs=tmp_path / "p.jsonl")
     for line in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines()):

@@ -52,7 +52,8 @@ def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 
     target = recipe.lora.target
     if target == "all-linear":
-        target = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        target = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
     config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=target)
     encoder.model = get_peft_model(encoder.model, config)

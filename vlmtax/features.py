@@ -30,7 +30,8 @@ def backbone_fingerprint(source: str, processor: Any, dtype: torch.dtype) -> str
     h = hashlib.sha256()
     path = Path(source)
     if path.is_dir():
-        for f in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.name != "vlmtax_tiny.json"):
+        files = [p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.name != "vlmtax_tiny.json"]
+        for f in sorted(files):
             h.update(f.name.encode())
             h.update(file_sha256(f).encode())
     else:
@@ -70,7 +71,8 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def extract(encoder: Encoder, processor: Any, paths: list[str], batch_size: int, desc: str = "features") -> torch.Tensor:
+def extract(encoder: Encoder, processor: Any, paths: list[str], batch_size: int,
+            desc: str = "features") -> torch.Tensor:
     """Pooled features of `paths`, in order, in fp32 on the CPU."""
     from vlmtax.collator import load_image
 

@@ -93,7 +93,8 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def head_probabilities(heads: Heads, features: torch.Tensor, category: torch.Tensor) -> list[dict[str, dict[str, float]]]:
+def head_probabilities(heads: Heads, features: torch.Tensor,
+                       category: torch.Tensor) -> list[dict[str, dict[str, float]]]:
     """Per row: {attribute: {value: probability}} over its category's heads."""
     rows: list[dict[str, dict[str, float]]] = [{} for _ in range(features.shape[0])]
     for i, idx, logits in heads(features, category):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 
 from vlmtax.backbone import load_encoder, load_image_processor, process_images
@@ -39,7 +40,8 @@ class HeadsPredictor:
 
         root = heads_run_root(run_dir)
         if root is None:
-            raise VlmtaxError(f"{run_dir} is not a classify run (no {CLASSIFIER_FILE})", "pass a `task: classify` run dir")
+            raise VlmtaxError(f"{run_dir} is not a classify run (no {CLASSIFIER_FILE})",
+                              "pass a `task: classify` run dir")
         spec = json.loads((root / CLASSIFIER_FILE).read_text(encoding="utf-8"))
         self.layout = [HeadSpec(h["category"], h["attribute"], h["slot"], tuple(h["values"])) for h in spec["layout"]]
         problem = layout_matches(self.layout, taxonomy)
@@ -71,7 +73,8 @@ class HeadsPredictor:
         cats = torch.tensor([self.categories.index(c) for c in categories], device=self.device)
         self.forward_calls += 1
         if self.heads is None:
-            return knn_probabilities(self.bank, self.layout, self.categories, self.spec["k"], features.cpu(), cats.cpu())
+            return knn_probabilities(self.bank, self.layout, self.categories, self.spec["k"], features.cpu(),
+                                     cats.cpu())
         return head_probabilities(self.heads, features, cats)
 
     def decode(self, images: list, categories: list[Category]) -> list[HeadsResult]:
