@@ -8,7 +8,11 @@ model), the classify route recipes/tiny_heads_cpu.yaml on the tiny CLIP (full fi
 backbone run on every batch (images -> processor -> backbone -> heads) against the same heads on
 features read from the cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 50x.
 
-    python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16]
+    python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16] [--threads 1]
+
+`--threads` sets torch's CPU threads for every measurement alike. On a shared, loaded 2-core machine,
+two threads spin against each other and the neighbours' load: tiny-model steps measured 4-10x slower
+than on one thread. Use 0 for torch's default.
 """
 
 from __future__ import annotations
@@ -110,7 +114,12 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     paths = setup(args)
     gen = route("generate", "tiny_cpu.yaml", paths["qwen"], paths, args, "image.max_pixels=12544")
     cls = route("classify", "tiny_heads_cpu.yaml", paths["clip"], paths, args, f"heads.cache_dir={WORK / 'cache'}")

@@ -99,11 +99,15 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
         save_classify_run(recipe, processor, dim, precision, model, knn_bank=bank, step=0, history=[])
         return recipe.output_dir
     trainer = build_heads_trainer(recipe, model, data, encoder, processor, precision)
+    threads = torch.get_num_threads()
     if recipe.heads.mode == "frozen" and not hw.cuda:
         # Heads alone are a few small matmuls per step: CPU threads spend longer synchronising than
         # computing (measured 10x faster on one thread on the 2-core machine).
         torch.set_num_threads(1)
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        torch.set_num_threads(threads)
     if trainer.is_world_process_zero():
         history = [x for x in trainer.state.log_history if "loss" in x or "eval_loss" in x]
         save_classify_run(recipe, processor, dim, precision, trainer.accelerator.unwrap_model(trainer.model),
