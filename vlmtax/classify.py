@@ -100,10 +100,11 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
         return recipe.output_dir
     trainer = build_heads_trainer(recipe, model, data, encoder, processor, precision)
     threads = torch.get_num_threads()
-    if recipe.heads.mode == "frozen" and not hw.cuda:
-        # Heads alone are a few small matmuls per step: CPU threads spend longer synchronising than
-        # computing (measured 10x faster on one thread on the 2-core machine).
-        torch.set_num_threads(1)
+    # Heads alone are a few small matmuls per step: CPU threads spend longer synchronising than
+    # computing (measured 10x faster on one thread on the 2-core machine), so frozen mode takes one.
+    want = recipe.heads.cpu_threads or (1 if recipe.heads.mode == "frozen" else None)
+    if want and not hw.cuda:
+        torch.set_num_threads(want)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -98,6 +98,7 @@ class Heads(_Strict):
     k: int = Field(10, ge=1)  # knn: neighbours per vote
     cache_dir: Path | None = None  # frozen features; null = $VLMTAX_CACHE or ~/.cache/vlmtax/features
     extract_batch_size: int = Field(64, ge=1)
+    cpu_threads: int | None = Field(None, ge=1)  # torch CPU threads while training; null = torch's (frozen: 1)
 
 
 class Recipe(_Strict):
