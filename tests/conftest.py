@@ -82,3 +82,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP vision encoder + image processor (`vlmtax tiny-model --family clip`)."""
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    return build_tiny_vision(tmp_path_factory.mktemp("clip") / "model", family="clip", seed=0)

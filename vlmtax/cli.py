@@ -76,17 +76,34 @@ def synth(
     typer.echo(f"synthetic catalogue written to {out}")
 
 
+class Family(str, enum.Enum):
+    qwen2_vl = "qwen2_vl"
+    clip = "clip"
+    siglip = "siglip"
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="New folder for the model (kept if it holds this seed's build).")],
     seed: Annotated[int, typer.Option(help="Weight-initialisation seed.")] = 0,
-    vocab_size: Annotated[int | None, typer.Option(help="Pad the embedding to N rows (Qwen2-VL: 151936).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(
+        help="Pad the embedding to N rows (Qwen2-VL: 151936); qwen2_vl only.")] = None,
+    family: Annotated[Family, typer.Option(help="qwen2_vl: a VLM (both routes); clip/siglip: a vision "
+                                                "encoder (classify route).")] = Family.qwen2_vl,
 ) -> None:
-    """Build a tiny, randomly initialised Qwen2-VL (tokenizer, processor, weights) for tests and the demo."""
-    from vlmtax.tiny_model import build_tiny_model
+    """Build a tiny, randomly initialised model (Qwen2-VL, or a CLIP/SigLIP vision encoder) for tests and the demo."""
+    if family is Family.qwen2_vl:
+        from vlmtax.tiny_model import build_tiny_model
 
-    out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
-    typer.echo(f"tiny Qwen2-VL written to {out}")
+        out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
+        typer.echo(f"tiny Qwen2-VL written to {out}")
+        return
+    if vocab_size is not None:
+        raise VlmtaxError(f"--vocab-size is for the qwen2_vl family, not {family.value}", "drop --vocab-size")
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    out = build_tiny_vision(out_dir, family=family.value, seed=seed)
+    typer.echo(f"tiny {family.value} vision encoder written to {out}")
 
 
 @app.command()

@@ -1,6 +1,8 @@
-"""The demo: every stage chained on the synthetic catalogue and the tiny model, on the CPU.
+"""The demo: every stage chained on the synthetic catalogue and the tiny models, on the CPU, for both routes.
 
-synth -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict -> score. Each stage
+synth -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict -> score (generate
+route), then tiny-model --family clip -> sft (recipes/tiny_heads_cpu.yaml) -> predict -> score (classify
+route) on the same prepared data, and both scores side by side with the constant baseline. Each stage
 is the same library function a user runs on real data; the demo only chains them. Stages whose
 output already exists in the work dir are kept, so an interrupted demo picks up where it stopped.
 """
@@ -14,20 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from vlmtax.fileio import check_writable
 
 
-def _recipe_path() -> Path:
-    """The tiny_cpu recipe: recipes/ of a source checkout, or the copy a wheel ships as vlmtax.recipes."""
+def _recipe_path(name: str = "tiny_cpu.yaml") -> Path:
+    """A shipped recipe: recipes/ of a source checkout, or the copy a wheel ships as vlmtax.recipes."""
     from importlib.resources import files
 
-    checkout = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
-    return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath("tiny_cpu.yaml")))
+    checkout = Path(__file__).resolve().parents[1] / "recipes" / name
+    return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath(name)))
 
 
-def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500) -> dict[str, Any]:
-    """Run the whole pipeline in `workdir`; returns the score report."""
+def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500,
+         classify: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline in `workdir`; returns the generate route's score report, with the classify
+    route's under "classify" (`classify=False` runs the generate route only)."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
     from vlmtax.prepare import prepare
@@ -76,6 +81,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     console.rule("[7/7] score: competition metric")
     report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
                    json_out=work / "score.json", plot=work / "score.png", console=console)
+    heads = classify_route(work, cat, data, console) if classify else None
     elapsed = time.perf_counter() - started
     console.print(
         f"\nfinal score {report['final']:.4f} vs constant baseline {report['baseline']['final']:.4f} "
@@ -85,4 +91,55 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         f"  submission  {submission} (+ probs.jsonl)\n"
         f"  score       {work / 'score.json'}, {work / 'score.png'}"
     )
+    if heads is not None:
+        report["classify"] = heads
+        console.print(side_by_side(report, heads))
     return report
+
+
+def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[str, Any]:
+    """The classify route on the same prepared data: tiny CLIP backbone + heads -> predict -> score."""
+    from vlmtax.predict import predict
+    from vlmtax.score import score
+    from vlmtax.sft import sft
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    clip, run, submission = work / "tiny-clip", work / "run-heads", work / "submission-heads.csv"
+    steps = [("tiny-model --family clip: random tiny CLIP vision encoder", clip / "vlmtax_tiny.json",
+              lambda: build_tiny_vision(clip, family="clip", seed=0)),
+             ("sft: backbone + heads (recipes/tiny_heads_cpu.yaml)", run / "vlmtax_meta.json",
+              lambda: sft(_recipe_path("tiny_heads_cpu.yaml"), [
+                  f"model={clip}", f"data={data}", f"output_dir={run}", f"heads.cache_dir={work / 'feature-cache'}",
+                  f"resume={'true' if run.exists() else 'false'}"])),
+             ("predict: heads", submission,
+              lambda: predict(model=run, csv=cat / "test.csv", images=cat / "test_images", out=submission,
+                              probs=work / "probs-heads.jsonl", batch_size=64))]
+    for n, (name, done, fn) in enumerate(steps, 1):
+        if done.exists():
+            console.print(f"[classify {n}/4] {name}: kept from an earlier run")
+            continue
+        console.rule(f"[classify {n}/4] {name}")
+        t0 = time.perf_counter()
+        fn()
+        console.print(f"[classify {n}/4] {name}: done in {time.perf_counter() - t0:.0f} s")
+    console.rule("[classify 4/4] score: competition metric")
+    return score(truth=cat / "test_labels.csv", pred=submission, taxonomy=run / "taxonomy.json",
+                 json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console)
+
+
+def side_by_side(generate: dict[str, Any], classify: dict[str, Any]) -> Table:
+    """Per attribute (mean over the categories that have it): baseline, generate route, classify route."""
+    table = Table(title="both routes on the same test rows (metric points)")
+    for col in ("attribute", "baseline", "generate", "classify"):
+        table.add_column(col, justify="left" if col == "attribute" else "right")
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for name, c in generate["categories"].items():
+        for attr, a in c["attributes"].items():
+            b = classify["categories"][name]["attributes"][attr]
+            if a["score"] is not None and b["score"] is not None:
+                rows.setdefault(attr, []).append((a["baseline"], a["score"], b["score"]))
+    for attr, vals in sorted(rows.items()):
+        table.add_row(attr, *(f"{sum(v[i] for v in vals) / len(vals):.3f}" for i in range(3)))
+    table.add_row("final", f"{generate['baseline']['final']:.3f}", f"{generate['final']:.3f}",
+                  f"{classify['final']:.3f}", style="bold")
+    return table

@@ -150,6 +150,8 @@ def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -
             rec: dict[str, Any] = {"row": row.index, "values": res.values, "snapped": res.snapped}
             if want_probs:
                 rec["logliks"] = res.logliks
+                if getattr(res, "probs", None) is not None:  # classify runs give probabilities directly
+                    rec["probs"] = res.probs
             records.append(rec)
     return records
 
@@ -178,7 +180,8 @@ def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonom
         if want_probs:
             attrs = {} if reject or cat is None else {
                 a.name: {"column": a.column, "value": rec["values"][a.name],
-                         "probs": dict(zip(a.values, _softmax(rec["logliks"][a.name])))} for a in cat.attributes}
+                         "probs": rec["probs"][a.name] if "probs" in rec else
+                         dict(zip(a.values, _softmax(rec["logliks"][a.name])))} for a in cat.attributes}
             prob_lines.append({"id": row.id, "Category": row.category_text, "attributes": attrs,
                                **({"reject": reject[0]} if reject else {})})
     return (pd.DataFrame(table, columns=["id", "Category", "len", *SLOT_COLUMNS]),
@@ -209,19 +212,33 @@ def launched_share() -> Share | None:
     return None
 
 
-def _decode_share(share: Share, model_path: Path, batches: list[list[Row]], partial: Partial, mode: str,
-                  want_probs: bool, dtype: str, device: str | None,
+def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str,
+                     device: str | None) -> Callable[[], Any]:
+    """What decodes a batch, built only when a share has work: the VLM's constrained decoder (free mode
+    reuses its model and processor) at `vlm_path`, or, where that is None, a classify run's heads."""
+    def make() -> Any:
+        if vlm_path is None:
+            from vlmtax.heads_predict import HeadsPredictor
+
+            return HeadsPredictor(model, tax, device)
+        from vlmtax.decoding import ConstrainedDecoder
+        from vlmtax.loading import load_for_inference
+
+        loaded, processor, _ = load_for_inference(vlm_path, dtype=dtype, device=device)
+        return ConstrainedDecoder(loaded, processor)
+
+    return make
+
+
+def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[list[Row]], partial: Partial,
+                  mode: str, want_probs: bool,
                   on_batch: Callable[[int], None] | None) -> tuple[dict[int, dict[str, Any]], int, int]:
     """Decode the share's batches still missing from its partial file: (rows done, rows decoded, forwards)."""
     done = partial.load()
     pending = [(n, b) for n, b in share.pick(batches) if any(r.index not in done for r in b)]
     if not pending:
         return done, 0, 0
-    from vlmtax.decoding import ConstrainedDecoder
-    from vlmtax.loading import load_for_inference
-
-    loaded, processor, _ = load_for_inference(model_path, dtype=dtype, device=device)
-    decoder = ConstrainedDecoder(loaded, processor)
+    decoder = make_decoder()
 
     def run() -> Iterator[dict[str, Any]]:
         for n, batch in pending:
@@ -311,7 +328,13 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
     default_device(device)
     rejects_path = _guard_paths(Path(model), csv, images, taxonomy, out, probs)
-    model_dir = inspect_model_dir(model)
+    from vlmtax.heads_predict import heads_run_root
+
+    heads_root = heads_run_root(model)
+    if heads_root is not None and mode != "constrained":
+        raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
+                          "drop --mode free (classify runs predict with the default mode)")
+    vlm_path = inspect_model_dir(model).path if heads_root is None else None
     tax = load_taxonomy(model, taxonomy)
     frame = read_csv(csv, "test CSV", ["id", "Category"])
 
@@ -324,15 +347,16 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
     want_probs = probs is not None
     share = launched_share()
     if share is not None:  # a launched process: its share only; the launching process writes the outputs
-        _, todo, _ = _decode_share(share, model_dir.path, batches, share.partial(out, fingerprint), mode, want_probs,
-                                   dtype, _rank_device(device), on_batch)
+        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, _rank_device(device)),
+                                   batches, share.partial(out, fingerprint), mode, want_probs, on_batch)
         return {"share": [share.index, share.count], "decoded": todo}
     _other_partials(out, num_processes)
     shares = [Share(i, num_processes) for i in range(num_processes)]
     started, forwards = time.perf_counter(), 0
     if num_processes == 1:
-        done, todo, forwards = _decode_share(shares[0], model_dir.path, batches, shares[0].partial(out, fingerprint),
-                                             mode, want_probs, dtype, device, on_batch)
+        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device),
+                                             batches, shares[0].partial(out, fingerprint), mode, want_probs,
+                                             on_batch)
     else:
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in
                 {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy,

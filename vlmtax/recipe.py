@@ -75,7 +75,42 @@ class Log(_Strict):
     tensorboard: bool = False
 
 
+class Augment(_Strict):
+    """Training-only geometric augmentation; never colour, since colour is a label."""
+
+    enabled: bool = False
+    crop_scale: float = Field(0.8, gt=0, le=1)  # random resized crop keeps at least this share of the area
+    flip: bool = True
+    rotation: float = Field(5.0, ge=0, le=45)  # degrees
+
+
+class Heads(_Strict):
+    """`task: classify`: a vision backbone with one head per (category, attribute); see docs/heads.md."""
+
+    kind: Literal["mlp", "linear", "knn"] = "mlp"
+    mode: Literal["frozen", "lora", "full"] = "frozen"
+    width: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    trunk: int | None = Field(None, ge=1)  # shared layer between features and every head (seed 001)
+    loss: Literal["ce", "focal", "cb_focal", "ldam"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    beta: float | None = Field(None, ge=0, lt=1)  # class-balanced weights (effective number); null = none
+    gamma: float = Field(2.0, ge=0)  # focal
+    ldam_max_margin: float = Field(0.5, ge=0)
+    ldam_scale: float = Field(30.0, gt=0)
+    drw_start: float = Field(0.8, ge=0, le=1)  # LDAM: share of training before class-balanced re-weighting
+    attribute_weights: dict[str, float] = Field(default_factory=dict)  # "color" or "Sarees/color": weight
+    sampler: Literal["random", "category", "balanced"] = "random"
+    augment: Augment = Field(default_factory=Augment)
+    backbone_lr: float | None = Field(None, gt=0)  # full/lora: backbone learning rate (default train.lr / 10)
+    k: int = Field(10, ge=1)  # knn: neighbours per vote
+    cache_dir: Path | None = None  # frozen features; null = $VLMTAX_CACHE or ~/.cache/vlmtax/features
+    extract_batch_size: int = Field(64, ge=1)
+    cpu_threads: int | None = Field(None, ge=1)  # torch CPU threads while training; null = torch's (frozen: 1)
+
+
 class Recipe(_Strict):
+    task: Literal["generate", "classify"] = "generate"
     model: str
     data: Path
     output_dir: Path
@@ -89,6 +124,7 @@ class Recipe(_Strict):
     log: Log = Field(default_factory=Log)
     resume: bool | str = False  # true = last checkpoint in output_dir; a string = that checkpoint
     trust_remote_code: bool = False
+    heads: Heads = Field(default_factory=Heads)  # task: classify only
 
     @field_validator("quantization", mode="before")
     @classmethod

@@ -273,6 +273,10 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     from vlmtax.train_loop import build_trainer
 
     hw = hw or Hardware.detect()
+    if recipe.task == "classify":
+        from vlmtax.classify import train_classify
+
+        return train_classify(recipe, hw)
     data = recipe.data
     for name in ("train.json", "taxonomy.json"):
         if not (data / name).is_file():

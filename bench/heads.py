@@ -1,0 +1,137 @@
+"""Benchmark both routes side by side on the same prepared data: training samples/s, predict rows/s, wall
+time from prepared data to a submission; and the frozen mode's feature cache against the uncached path.
+
+Setup: the synthetic catalogue (`--rows` rows, 112 px images), prepared once; the generate route is
+recipes/tiny_cpu.yaml on the tiny Qwen2-VL (full fine-tuning, merge skipped: the run dir is the
+model), the classify route recipes/tiny_heads_cpu.yaml on the tiny CLIP (full fine-tuning), each for
+`--steps` steps at batch `--batch-size`. Uncached vs cached: heads training steps with the frozen
+backbone run on every batch (images -> processor -> backbone -> heads) against the same heads on
+features read from the cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 50x.
+
+    python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16] [--threads 1]
+
+`--threads` sets torch's CPU threads for every measurement alike. On a shared, loaded 2-core machine,
+two threads spin against each other and the neighbours' load: tiny-model steps measured 4-10x slower
+than on one thread. Use 0 for torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLMTAX_PROGRESS", "0")
+
+WORK = Path(__file__).resolve().parent / "_work" / "heads"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def setup(args) -> dict[str, Path]:
+    from vlmtax.prepare import prepare
+    from vlmtax.synth import synth
+    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    paths = {"qwen": build_tiny_model(WORK / "tiny-qwen"), "clip": build_tiny_vision(WORK / "tiny-clip", "clip"),
+             "cat": WORK / f"synth-{args.rows}", "data": WORK / f"data-{args.rows}"}
+    if not paths["cat"].exists():
+        synth(paths["cat"], rows=args.rows, test_rows=args.test_rows, seed=0, image_size=112)
+    if not paths["data"].exists():
+        prepare(csv=paths["cat"] / "train.csv", images=paths["cat"] / "train_images",
+                attributes=paths["cat"] / "category_attributes.parquet", out=paths["data"], model=paths["qwen"],
+                max_pixels=12544, workers=1)
+    return paths
+
+
+def route(name: str, recipe: str, model: Path, paths: dict[str, Path], args, *extra: str) -> dict[str, float]:
+    from vlmtax.predict import predict
+    from vlmtax.sft import sft
+
+    run = WORK / f"run-{name}"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    sft(RECIPES / recipe, [f"model={model}", f"data={paths['data']}", f"output_dir={run}",
+                           f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.eval=false",
+                           "train.grad_accum=1", *extra])
+    trained = time.perf_counter() - t0
+    history = json.loads((run / "vlmtax_meta.json").read_text())
+    out = WORK / f"sub-{name}.csv"
+    out.unlink(missing_ok=True)
+    report = predict(model=run, csv=paths["cat"] / "test.csv", images=paths["cat"] / "test_images", out=out,
+                     batch_size=args.batch_size)
+    total = time.perf_counter() - t0
+    return {"train_samples_per_s": history["global_step"] * args.batch_size / trained,
+            "predict_rows_per_s": report["rows_per_s"], "wall_to_submission_s": total}
+
+
+def cache_speed(paths: dict[str, Path], args) -> tuple[float, float]:
+    """(uncached, cached) heads-training samples/s with the frozen tiny CLIP."""
+    import torch
+
+    from vlmtax.backbone import feature_dim, load_encoder, load_image_processor
+    from vlmtax.classify_data import Collate, load_classify_data
+    from vlmtax.features import extract
+    from vlmtax.heads import Classifier, Heads
+    from vlmtax.losses import LossCfg, head_loss
+
+    data = load_classify_data(paths["data"])
+    processor, encoder = load_image_processor(paths["clip"]), load_encoder(paths["clip"])
+    encoder.requires_grad_(False)
+    features = extract(encoder, processor, data.train.images + data.val.images, 64)
+    counts = data.counts()
+
+    def speed(model: Classifier, collate: Collate) -> float:
+        opt = torch.optim.AdamW(model.heads.parameters(), 1e-3)
+        n, t0 = 0, time.perf_counter()
+        for s in range(args.steps):
+            rows = [(s * args.batch_size + i) % len(data.train.images) for i in range(args.batch_size)]
+            batch = collate(rows)
+            targets = batch.pop("targets")
+            terms = [head_loss(lg, targets[r, data.layout[i].slot], LossCfg(), counts[i])
+                     for i, r, lg in model(**batch)]
+            loss = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            n += len(rows)
+        return n / (time.perf_counter() - t0)
+
+    heads = Heads(data.layout, feature_dim(encoder, processor))
+    uncached = speed(Classifier(heads, encoder), Collate(data, processor))
+    cached = speed(Classifier(heads), Collate(data, features=features))
+    return uncached, cached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--test-rows", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    paths = setup(args)
+    gen = route("generate", "tiny_cpu.yaml", paths["qwen"], paths, args, "image.max_pixels=12544")
+    cls = route("classify", "tiny_heads_cpu.yaml", paths["clip"], paths, args, f"heads.cache_dir={WORK / 'cache'}")
+    print(f"{'':28}{'generate':>12}{'classify':>12}{'ratio':>8}")
+    for key in ("train_samples_per_s", "predict_rows_per_s", "wall_to_submission_s"):
+        print(f"{key:28}{gen[key]:12.1f}{cls[key]:12.1f}{cls[key] / gen[key]:8.1f}x")
+    uncached, cached = cache_speed(paths, args)
+    print(f"frozen heads training: uncached {uncached:.1f} samples/s, cached {cached:.1f} samples/s, "
+          f"{cached / uncached:.1f}x (target >= 50x)")
+    print(f"classify / generate training samples/s: {cls['train_samples_per_s'] / gen['train_samples_per_s']:.1f}x "
+          "(target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""task: classify through sft and predict: modes, feature cache, kNN, recipes, resume, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import RECIPES, tiny_overrides
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from vlmtax.cli import app
+from vlmtax.errors import VlmtaxError
+from vlmtax.predict import predict
+from vlmtax.sft import sft
+from vlmtax.taxonomy import Taxonomy
+
+HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
+FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
+
+
+def _sft(model: Path, data: Path, out: Path, tmp: Path, *extra: str, recipe: Path = HEADS_RECIPE) -> Path:
+    return sft(recipe, tiny_overrides(model, data, out, f"heads.cache_dir={tmp / 'cache'}", *FAST, *extra))
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tiny_clip_dir, prepared_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("frozen")
+    return _sft(tiny_clip_dir, prepared_dir, tmp / "run", tmp, "heads.mode=frozen", "train.max_steps=6")
+
+
+def test_frozen_run_layout_and_feature_cache(frozen_run, tiny_clip_dir, prepared_dir):
+    meta = json.loads((frozen_run / "vlmtax_meta.json").read_text())
+    spec = json.loads((frozen_run / "classifier.json").read_text())
+    assert meta["task"] == "classify" and meta["global_step"] == 6 and meta["features_extracted"] > 0
+    assert spec["mode"] == "frozen" and not spec["trained_backbone"] and spec["backbone"] == str(tiny_clip_dir)
+    for f in ("heads.safetensors", "preprocessor_config.json", "taxonomy.json", "recipe.yaml"):
+        assert (frozen_run / f).is_file(), f
+    assert not (frozen_run / "backbone.safetensors").exists()
+    tax = Taxonomy.load(prepared_dir / "taxonomy.json")
+    assert [(h["category"], h["attribute"]) for h in spec["layout"]] == [
+        (c.name, a.name) for c in tax.categories.values() for a in c.attributes]
+    # Same backbone and images, another head: every feature comes from the cache.
+    again = _sft(tiny_clip_dir, prepared_dir, frozen_run.parent / "again", frozen_run.parent, "heads.mode=frozen",
+                 "heads.kind=linear", "heads.loss=ldam")
+    assert json.loads((again / "vlmtax_meta.json").read_text())["features_extracted"] == 0
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_trained_backbone_modes_change_backbone_and_heads(mode, tiny_clip_dir, prepared_dir, tmp_path):
+    out = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, f"heads.mode={mode}", "heads.sampler=category",
+               "heads.loss=cb_focal", "heads.augment.enabled=true", "heads.backbone_lr=0.01")
+    base = load_file(str(tiny_clip_dir / "model.safetensors"))
+    trained = load_file(str(out / "backbone.safetensors"))
+    key = next(k for k in base if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    assert set(trained) == {f"model.{k}" for k in base}  # LoRA folded in: a plain backbone state
+    assert not torch.equal(base[key], trained[f"model.{key}"])
+
+
+def test_predict_on_a_heads_run_writes_the_shared_layout(frozen_run, synth_dir, tmp_path):
+    out, probs = tmp_path / "sub.csv", tmp_path / "probs.jsonl"
+    report = predict(model=frozen_run, csv=synth_dir / "test.csv", images=synth_dir / "test_images", out=out,
+                     probs=probs, batch_size=8)
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    test = pd.read_csv(synth_dir / "test.csv", dtype=str)
+    tax = Taxonomy.load(frozen_run / "taxonomy.json")
+    assert list(sub["id"]) == list(test["id"]) and report["predicted"] == len(test)
+    lines = [json.loads(x) for x in probs.read_text().splitlines()]
+    for row, line in zip(sub.to_dict("records"), lines):
+        cat = tax.categories[row["Category"]]
+        assert line["id"] == row["id"] and set(line["attributes"]) == set(cat.attribute_names())
+        for a in cat.attributes:
+            entry = line["attributes"][a.name]
+            assert entry["column"] == a.column and row[a.column] == entry["value"] in a.values
+            assert list(entry["probs"]) == a.values and sum(entry["probs"].values()) == pytest.approx(1.0)
+            assert entry["value"] == max(entry["probs"], key=entry["probs"].get)
+
+
+def test_knn_votes_give_probabilities(tiny_clip_dir, prepared_dir, synth_dir, tmp_path):
+    run = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, "heads.kind=knn", "heads.mode=frozen",
+               "heads.k=3")
+    assert (run / "knn.safetensors").is_file()
+    assert json.loads((run / "vlmtax_meta.json").read_text())["global_step"] == 0
+    predict(model=run, csv=synth_dir / "test.csv", images=synth_dir / "test_images", out=tmp_path / "s.csv",
+            probs=tmp_path / "p.jsonl")
+    for line in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines()):
+        for entry in line["attributes"].values():
+            p = list(entry["probs"].values())
+            assert sum(p) == pytest.approx(1.0)
+            # three voters: each share is a sum of at most three vote weights, so at most 3 values are non-zero
+            assert sum(v > 0 for v in p) <= 3 or len(set(p)) > 1
+
+
+def test_knn_vote_by_hand():
+    from vlmtax.heads import HeadSpec
+    from vlmtax.knn import knn_probabilities
+
+    layout = [HeadSpec("A", "color", 0, ("red", "blue"))]
+    bank = {"features": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]),
+            "labels": torch.tensor([[0], [1], [-100]]), "categories": torch.tensor([0, 0, 0])}
+    out = knn_probabilities(bank, layout, ["A"], 3, torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    w_red, w_blue = (1 + 1.0) / 2, (1 + 0.0) / 2  # the unlabelled neighbour does not vote
+    assert out[0]["color"]["red"] == pytest.approx(w_red / (w_red + w_blue))
+
+
+def test_every_classify_recipe_runs_two_steps(tiny_clip_dir, tiny_model_dir, prepared_dir, tmp_path):
+    """GPU recipes on the tiny backbones: SigLIP2/CLIP ids swapped for the tiny CLIP, Qwen2-VL for the tiny one."""
+    for name, model in (("tiny_heads_cpu.yaml", tiny_clip_dir), ("siglip2_heads.yaml", tiny_clip_dir),
+                        ("clip_l14_knn.yaml", tiny_clip_dir), ("qwen2vl_2b_heads.yaml", tiny_model_dir)):
+        out = _sft(model, prepared_dir, tmp_path / name, tmp_path, "train.num_workers=0", "image.max_pixels=12544",
+                   recipe=RECIPES / name)
+        meta = json.loads((out / "vlmtax_meta.json").read_text())
+        assert meta["global_step"] == (0 if "knn" in name else 2), name
+        assert (out / "classifier.json").is_file() and (out / "taxonomy.json").is_file()
+
+
+def test_resume_continues_at_the_saved_step(tiny_clip_dir, prepared_dir, tmp_path):
+    extra = ("heads.mode=frozen", "train.save_steps=2")
+    _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, *extra)
+    (tmp_path / "run" / "vlmtax_meta.json").unlink()  # an interrupted run: checkpoints, no meta
+    out = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, *extra, "train.max_steps=4", "resume=true")
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    assert meta["started_at_step"] == 2 and meta["global_step"] == 4
+
+
+def test_one_line_errors(tiny_clip_dir, tiny_model_dir, prepared_dir, frozen_run, synth_dir, tmp_path):
+    no_proc = tmp_path / "no_processor"
+    shutil.copytree(tiny_clip_dir, no_proc)
+    (no_proc / "preprocessor_config.json").unlink()
+    with pytest.raises(VlmtaxError, match="has no image processor"):
+        _sft(no_proc, prepared_dir, tmp_path / "o1", tmp_path)
+    no_tax = tmp_path / "gen_data"
+    shutil.copytree(prepared_dir, no_tax)
+    (no_tax / "taxonomy.json").unlink()
+    with pytest.raises(VlmtaxError, match="no taxonomy.json"):
+        _sft(tiny_clip_dir, no_tax, tmp_path / "o2", tmp_path)
+    with pytest.raises(VlmtaxError, match="knn votes over frozen features"):
+        _sft(tiny_clip_dir, prepared_dir, tmp_path / "o3", tmp_path, "heads.kind=knn", "heads.mode=full")
+    tax = json.loads((frozen_run / "taxonomy.json").read_text())
+    cat = next(iter(tax["categories"].values()))
+    cat["attributes"][0]["values"].append("chartreuse")
+    other = tmp_path / "other_taxonomy.json"
+    other.write_text(json.dumps(tax))
+    with pytest.raises(VlmtaxError, match="does not match the heads"):
+        predict(model=frozen_run, csv=synth_dir / "test.csv", images=synth_dir / "test_images",
+                out=tmp_path / "s.csv", taxonomy=other)
+    result = CliRunner().invoke(app, ["sft", str(HEADS_RECIPE), f"model={no_proc}", f"data={prepared_dir}",
+                                      f"output_dir={tmp_path / 'o4'}"])
+    assert result.exit_code != 0 and isinstance(result.exception, VlmtaxError)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_tiny_vision_cli(family, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    result = CliRunner().invoke(app, ["tiny-model", str(tmp_path / family), "--family", family])
+    assert result.exit_code == 0, result.output
+    model = AutoModel.from_pretrained(tmp_path / family)
+    assert model.config.model_type == f"{family}_vision_model"
+    assert AutoImageProcessor.from_pretrained(tmp_path / family).size

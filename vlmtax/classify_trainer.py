@@ -1,0 +1,111 @@
+"""The classify route's training loop: transformers.Trainer over the heads (and backbone), with the seeds'
+losses and samplers, separate backbone/head learning rates and the same non-finite-loss guard as sft.
+
+Resume, checkpoints, logging, evaluation loss and multi-process runs (`accelerate launch`, as for the
+generate route) are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
+from vlmtax.errors import VlmtaxError
+from vlmtax.heads import Classifier
+from vlmtax.losses import LossCfg, head_loss
+from vlmtax.recipe import Recipe
+from vlmtax.samplers import make_sampler
+from vlmtax.train_loop import StartStep
+
+
+class HeadsTrainer(Trainer):
+    precision: str = "fp32"
+
+    def setup(self, recipe: Recipe, data: ClassifyData) -> None:
+        h = recipe.heads
+        self.loss_cfg = LossCfg(kind=h.loss, label_smoothing=h.label_smoothing, beta=h.beta, gamma=h.gamma,
+                                max_margin=h.ldam_max_margin, scale=h.ldam_scale, drw_start=h.drw_start)
+        self.counts = data.counts()
+        self.attr_weights = [h.attribute_weights.get(f"{s.category}/{s.attribute}", h.attribute_weights.get(
+            s.attribute, 1.0)) for s in data.layout]
+        self.sampler_kind, self.data = h.sampler, data
+
+    def _get_train_sampler(self, train_dataset=None):
+        return make_sampler(self.sampler_kind, self.data.train.categories, self.data.train.labels,
+                            self.args.per_device_train_batch_size, self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("targets")
+        outputs = model(**inputs)
+        progress = self.state.global_step / max(self.state.max_steps, 1)
+        total, n = None, 0
+        for i, rows, logits in outputs:
+            loss_sum, k = head_loss(logits, targets[rows, self.data.layout[i].slot], self.loss_cfg,
+                                    self.counts[i], progress)
+            term = loss_sum * self.attr_weights[i]
+            total = term if total is None else total + term
+            n += k
+        loss = total / max(n, 1)
+        if model.training and not torch.isfinite(loss.detach()):
+            fix = ("fp16 overflowed: use precision=bf16 or fp32, or a lower train.lr" if self.precision == "fp16"
+                   else "lower train.lr (or heads.backbone_lr) or check the data")
+            raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
+        return (loss, outputs) if return_outputs else loss
+
+
+def heads_args(recipe: Recipe, precision: str, has_eval: bool) -> TrainingArguments:
+    t = recipe.train
+    save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
+    return TrainingArguments(
+        output_dir=str(recipe.output_dir), num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=recipe.log.every,
+        report_to=["tensorboard"] if recipe.log.tensorboard else "none",
+        eval_strategy="epoch" if has_eval and t.eval else "no", save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, prediction_loss_only=True, label_names=["targets"],
+        # frozen mode trains heads only; the backbone's unused pooler would stall DDP otherwise
+        ddp_find_unused_parameters=recipe.heads.mode != "frozen",
+        **save,
+    )
+
+
+def heads_optimizer(model: Classifier, recipe: Recipe) -> torch.optim.Optimizer:
+    """Heads at train.lr, the backbone (when trained) at heads.backbone_lr (default train.lr / 10)."""
+    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": recipe.train.lr}]
+    if model.encoder is not None:
+        backbone = [p for p in model.encoder.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": recipe.heads.backbone_lr or recipe.train.lr / 10})
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+
+
+def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, encoder: Any, processor: Any,
+                        precision: str) -> HeadsTrainer:
+    features, extracted = None, None
+    if recipe.heads.mode == "frozen":
+        from vlmtax.features import FeatureCache, backbone_fingerprint, cached_features, default_cache_dir
+
+        cache = FeatureCache(recipe.heads.cache_dir or default_cache_dir(),
+                             backbone_fingerprint(recipe.model, processor, next(encoder.parameters()).dtype))
+        args = heads_args(recipe, precision, bool(data.val.images))
+        with args.main_process_first(desc="feature extraction"):  # rank 0 fills the cache, the others read it
+            features, extracted = cached_features(encoder, processor, data.train.images + data.val.images, cache,
+                                                  recipe.heads.extract_batch_size)
+    augment = augmenter(recipe.heads.augment) if recipe.heads.augment.enabled else None
+    collate = Collate(data, processor, features, augment)
+    n_train, n_val = len(data.train.images), len(data.val.images)
+    trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0), data_collator=collate,
+                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,
+                           optimizers=(heads_optimizer(model, recipe), None))
+    trainer.setup(recipe, data)
+    trainer.precision = precision
+    trainer.features_extracted = extracted
+    trainer.start_step = StartStep()
+    trainer.add_callback(trainer.start_step)
+    return trainer

@@ -1,0 +1,87 @@
+"""The predict stage for classify runs: images + categories -> per-attribute probabilities -> values.
+
+`HeadsPredictor.probabilities(images, categories)` is the reusable forward (tuning and ensembling read
+the same numbers through `predict --probs`); `decode` gives predict.py what the constrained decoder gives
+it for generate runs, so the submission, probabilities JSONL, rejects and resume logic are shared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlmtax.backbone import load_encoder, load_image_processor, process_images
+from vlmtax.classify import BACKBONE_WEIGHTS, CLASSIFIER_FILE, HEADS_WEIGHTS, KNN_BANK
+from vlmtax.errors import VlmtaxError
+from vlmtax.heads import Heads, HeadSpec, head_probabilities, layout_matches
+from vlmtax.loading import run_roots
+from vlmtax.taxonomy import Category, Taxonomy
+
+
+def heads_run_root(path: str | Path) -> Path | None:
+    """The run folder holding classifier.json for a classify run (or one of its checkpoints), else None."""
+    return next((p for p in run_roots(Path(path)) if (p / CLASSIFIER_FILE).is_file()), None)
+
+
+@dataclass
+class HeadsResult:
+    values: dict[str, str]
+    probs: dict[str, dict[str, float]]
+    logliks: dict[str, list[float]] = field(default_factory=dict)
+    snapped: int = 0
+
+
+class HeadsPredictor:
+    def __init__(self, run_dir: str | Path, taxonomy: Taxonomy, device: str | None = None):
+        from safetensors.torch import load_file
+
+        root = heads_run_root(run_dir)
+        if root is None:
+            raise VlmtaxError(f"{run_dir} is not a classify run (no {CLASSIFIER_FILE})",
+                              "pass a `task: classify` run dir")
+        spec = json.loads((root / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+        self.layout = [HeadSpec(h["category"], h["attribute"], h["slot"], tuple(h["values"])) for h in spec["layout"]]
+        problem = layout_matches(self.layout, taxonomy)
+        if problem:
+            raise VlmtaxError(f"the taxonomy does not match the heads of {root}: {problem}",
+                              "predict with the run's own taxonomy.json (drop --taxonomy) or retrain on this taxonomy")
+        self.categories = list(dict.fromkeys(h.category for h in self.layout))
+        self.spec, self.forward_calls = spec, 0
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.processor = load_image_processor(root, spec.get("trust_remote_code", False))
+        self.encoder = load_encoder(spec["backbone"], torch.float32, spec.get("trust_remote_code", False))
+        if spec.get("trained_backbone"):
+            self.encoder.load_state_dict(load_file(str(root / BACKBONE_WEIGHTS)))
+        self.encoder.to(self.device).eval()
+        if spec["kind"] == "knn":
+            self.bank, self.heads = load_file(str(root / KNN_BANK)), None
+        else:
+            self.heads = Heads(self.layout, spec["dim"], spec["kind"], spec["width"], spec["dropout"], spec["trunk"])
+            self.heads.load_state_dict(load_file(str(root / HEADS_WEIGHTS)))
+            self.heads.to(self.device).eval()
+
+    @torch.no_grad()
+    def probabilities(self, images: list, categories: list[str]) -> list[dict[str, dict[str, float]]]:
+        """Per image: {attribute: {value: probability}} for its category's attributes."""
+        from vlmtax.knn import knn_probabilities
+
+        inputs = process_images(self.processor, images)
+        features = self.encoder(**{k: v.to(self.device) for k, v in inputs.items()})
+        cats = torch.tensor([self.categories.index(c) for c in categories], device=self.device)
+        self.forward_calls += 1
+        if self.heads is None:
+            return knn_probabilities(self.bank, self.layout, self.categories, self.spec["k"], features.cpu(),
+                                     cats.cpu())
+        return head_probabilities(self.heads, features, cats)
+
+    def decode(self, images: list, categories: list[Category]) -> list[HeadsResult]:
+        """The most probable allowed value per attribute (ties: the taxonomy's order, most frequent first)."""
+        out = []
+        for probs, cat in zip(self.probabilities(images, [c.name for c in categories]), categories):
+            values = {a.name: max(a.values, key=lambda v, p=probs[a.name]: p[v]) for a in cat.attributes}
+            out.append(HeadsResult(values, probs))
+        return out
+
