@@ -90,8 +90,9 @@ def check_logging(recipe: Recipe) -> None:
 
 def check_lora_targets(recipe: Recipe) -> None:
     """Before any weights load: the LoRA target regex must match a module of the model (built on the meta
-    device from its config), else PEFT fails deep inside, or adapts only the vision blocks."""
-    if recipe.finetuning != "lora":
+    device from its config), else PEFT fails deep inside, or adapts only the vision blocks. Classify runs
+    put LoRA on a vision backbone (heads.mode), not on a language model."""
+    if recipe.task == "classify" or recipe.finetuning != "lora":
         return
     if isinstance(recipe.lora.target, list) and not recipe.lora.target:
         raise VlmtaxError("lora.target is an empty list", "use all-linear or module names such as [q_proj, v_proj]")
@@ -214,7 +215,10 @@ def _check_output_dir(recipe: Recipe) -> None:
 
 
 def _check_resume_kind(checkpoint: str, recipe: Recipe) -> None:
-    """A LoRA checkpoint holds adapters only, a full one whole weights: resuming across kinds cannot work."""
+    """A LoRA checkpoint holds adapters only, a full one whole weights: resuming across kinds cannot work.
+    (A classify checkpoint holds the heads model whatever heads.mode, so the check is the VLM route's.)"""
+    if recipe.task == "classify":
+        return
     is_lora = (Path(checkpoint) / "adapter_config.json").is_file()
     if is_lora != (recipe.finetuning == "lora"):
         kind = "LoRA" if is_lora else "full fine-tuning"
