@@ -2,7 +2,9 @@
 
 synth -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict -> score (generate
 route), then tiny-model --family clip -> sft (recipes/tiny_heads_cpu.yaml) -> predict -> score (classify
-route) on the same prepared data, and both scores side by side with the constant baseline. Each stage
+route) on the same prepared data; then both routes predict the validation split, `tune` chooses the
+ensemble weights and decision rule there, and `ensemble` applies them to the test rows. The three
+scores (generate, classify, ensemble) are printed side by side with the constant baseline. Each stage
 is the same library function a user runs on real data; the demo only chains them. Stages whose
 output already exists in the work dir are kept, so an interrupted demo picks up where it stopped.
 """
@@ -81,7 +83,9 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     console.rule("[7/7] score: competition metric")
     report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
                    json_out=work / "score.json", plot=work / "score.png", console=console)
-    heads = classify_route(work, cat, data, console) if classify else None
+    if classify:
+        report["classify"] = classify_route(work, cat, data, console)
+        report["ensemble"] = ensemble_route(work, cat, data, model_for_predict, console)
     elapsed = time.perf_counter() - started
     console.print(
         f"\nfinal score {report['final']:.4f} vs constant baseline {report['baseline']['final']:.4f} "
@@ -91,10 +95,35 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         f"  submission  {submission} (+ probs.jsonl)\n"
         f"  score       {work / 'score.json'}, {work / 'score.png'}"
     )
-    if heads is not None:
-        report["classify"] = heads
-        console.print(side_by_side(report, heads))
+    if classify:
+        console.print(f"  classify    {work / 'run-heads'}, {work / 'submission-heads.csv'}\n"
+                      f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv)")
+        console.print(side_by_side(report, report["classify"], report["ensemble"]))
     return report
+
+
+def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Console) -> dict[str, Any]:
+    """Both routes' probabilities on the validation split -> `tune` -> `ensemble` on the test rows -> score."""
+    from vlmtax.predict import predict
+    from vlmtax.score import score
+    from vlmtax.tune import tune_and_ensemble
+
+    runs = {"generate": (vlm, work / "probs.jsonl", 8),
+            "classify": (work / "run-heads", work / "probs-heads.jsonl", 64)}
+    val_probs = []
+    for name, (model, _, batch) in runs.items():
+        out = work / f"val-{name}.csv"
+        val_probs.append(work / f"val-{name}.probs.jsonl")
+        if not out.exists():
+            console.rule(f"[ensemble] predict: the {name} route on the validation split")
+            predict(model=model, csv=data / "val.csv", images=cat / "train_images", out=out, probs=val_probs[-1],
+                    batch_size=batch)
+    console.rule("[ensemble] tune on validation, ensemble on test")
+    (work / "ensemble").mkdir(exist_ok=True)
+    tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
+                      work / "ensemble", console=console)
+    return score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
+                 taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console)
 
 
 def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[str, Any]:
@@ -127,19 +156,22 @@ def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[
                  json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console)
 
 
-def side_by_side(generate: dict[str, Any], classify: dict[str, Any]) -> Table:
-    """Per attribute (mean over the categories that have it): baseline, generate route, classify route."""
-    table = Table(title="both routes on the same test rows (metric points)")
-    for col in ("attribute", "baseline", "generate", "classify"):
+def side_by_side(generate: dict[str, Any], classify: dict[str, Any], ensemble: dict[str, Any] | None = None) -> Table:
+    """Per attribute (mean over the categories that have it): baseline, generate route, classify route, and
+    their tuned ensemble where given."""
+    reports = [r for r in (generate, classify, ensemble) if r is not None]
+    names = ["generate", "classify", "ensemble"][:len(reports)]
+    table = Table(title="the routes on the same test rows (metric points)")
+    for col in ("attribute", "baseline", *names):
         table.add_column(col, justify="left" if col == "attribute" else "right")
-    rows: dict[str, list[tuple[float, float, float]]] = {}
+    rows: dict[str, list[list[float]]] = {}
     for name, c in generate["categories"].items():
         for attr, a in c["attributes"].items():
-            b = classify["categories"][name]["attributes"][attr]
-            if a["score"] is not None and b["score"] is not None:
-                rows.setdefault(attr, []).append((a["baseline"], a["score"], b["score"]))
+            scores = [r["categories"][name]["attributes"][attr]["score"] for r in reports]
+            if all(x is not None for x in scores):
+                rows.setdefault(attr, []).append([a["baseline"], *scores])
     for attr, vals in sorted(rows.items()):
-        table.add_row(attr, *(f"{sum(v[i] for v in vals) / len(vals):.3f}" for i in range(3)))
-    table.add_row("final", f"{generate['baseline']['final']:.3f}", f"{generate['final']:.3f}",
-                  f"{classify['final']:.3f}", style="bold")
+        table.add_row(attr, *(f"{sum(v[i] for v in vals) / len(vals):.3f}" for i in range(len(reports) + 1)))
+    table.add_row("final", f"{generate['baseline']['final']:.3f}", *(f"{r['final']:.3f}" for r in reports),
+                  style="bold")
     return table
