@@ -130,6 +130,8 @@ def prepare(
     verify_images: Annotated[VerifyImages, typer.Option(
         help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
     image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
+    trust_remote_code: Annotated[bool, typer.Option(
+        help="Let --model's processor run code shipped with the model (off: only transformers' own).")] = False,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -139,6 +141,7 @@ def prepare(
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
         remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
+        trust_remote_code=trust_remote_code,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "

@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, image_path
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_csv, write_csv
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
@@ -116,9 +116,7 @@ class Partial:
             os.fsync(f.fileno())
 
 
-def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -> list[dict[str, Any]]:
-    from vlmtax.decoding import free_decode
-
+def _decode_batch(decoder: Any, batch: list[Row], want_probs: bool) -> list[dict[str, Any]]:
     records, images, ok = [], [], []
     for row in batch:
         try:
@@ -127,22 +125,18 @@ def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -
             ok.append(row)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             records.append({"row": row.index, "reject": ["unreadable_image", f"{row.image}: {exc}"]})
-    def run(imgs: list[Any], cats: list[Category]) -> list[Any]:
-        return decoder.decode(imgs, cats) if mode == "constrained" else \
-            free_decode(decoder.model, decoder.processor, imgs, cats, decoder.plans)
-
     if ok:
         try:
-            results: list[Any] = run(images, [r.category for r in ok])
+            results: list[Any] = decoder.decode(images, [r.category for r in ok])
         except ValueError:
             # The processor refused an image of the batch: decode row by row, so only that row is rejected.
             results = []
             for row, img in zip(ok, images):
                 try:
-                    results.extend(run([img], [row.category]))
+                    results.extend(decoder.decode([img], [row.category]))
                 except ValueError as exc:
                     results.append(None)
-                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    first = first_line(exc)[:200]
                     records.append({"row": row.index, "reject": ["processor_refused", f"{row.image}: {first}"]})
         for row, res in zip(ok, results):
             if res is None:
@@ -212,20 +206,20 @@ def launched_share() -> Share | None:
     return None
 
 
-def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str,
-                     device: str | None) -> Callable[[], Any]:
-    """What decodes a batch, built only when a share has work: the VLM's constrained decoder (free mode
-    reuses its model and processor) at `vlm_path`, or, where that is None, a classify run's heads."""
+def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str, device: str | None,
+                     mode: str) -> Callable[[], Any]:
+    """What decodes a batch, built only when a share has work: the VLM at `vlm_path` with the constrained or
+    free decoder of `mode`, or, where `vlm_path` is None, a classify run's heads."""
     def make() -> Any:
         if vlm_path is None:
             from vlmtax.heads_predict import HeadsPredictor
 
             return HeadsPredictor(model, tax, device)
-        from vlmtax.decoding import ConstrainedDecoder
+        from vlmtax.decoding import ConstrainedDecoder, FreeDecoder
         from vlmtax.loading import load_for_inference
 
         loaded, processor, _ = load_for_inference(vlm_path, dtype=dtype, device=device)
-        return ConstrainedDecoder(loaded, processor)
+        return (ConstrainedDecoder if mode == "constrained" else FreeDecoder)(loaded, processor)
 
     return make
 
@@ -242,7 +236,7 @@ def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[l
 
     def run() -> Iterator[dict[str, Any]]:
         for n, batch in pending:
-            fresh = [r for r in _decode_batch(decoder, batch, mode, want_probs) if r["row"] not in done]
+            fresh = [r for r in _decode_batch(decoder, batch, want_probs) if r["row"] not in done]
             partial.append(fresh)
             done.update((r["row"], r) for r in fresh)
             if on_batch is not None:
@@ -347,14 +341,14 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
     want_probs = probs is not None
     share = launched_share()
     if share is not None:  # a launched process: its share only; the launching process writes the outputs
-        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, _rank_device(device)),
+        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, _rank_device(device), mode),
                                    batches, share.partial(out, fingerprint), mode, want_probs, on_batch)
         return {"share": [share.index, share.count], "decoded": todo}
     _other_partials(out, num_processes)
     shares = [Share(i, num_processes) for i in range(num_processes)]
     started, forwards = time.perf_counter(), 0
     if num_processes == 1:
-        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device),
+        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device, mode),
                                              batches, shares[0].partial(out, fingerprint), mode, want_probs,
                                              on_batch)
     else:

@@ -26,7 +26,7 @@ from vlmtax.catalogue import (
     image_path,
     read_category_attributes,
 )
-from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_dir, check_writable, file_sha256, guard_outputs, read_csv, write_json
 from vlmtax.imagecheck import VERIFY_MODES, cache_file, check_images
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
@@ -155,6 +155,7 @@ def prepare(
     workers: int | None = None,
     verify_images: str = "fast",
     image_cache: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
     csv, images, out = Path(csv), Path(images), Path(out)
@@ -202,7 +203,7 @@ def prepare(
 
     fingerprint = {"csv": str(csv.resolve()), "csv_sha256": file_sha256(csv)}
     _check_out_dir(out, fingerprint)
-    processor = _load_processor(model) if model is not None else None
+    processor = _load_processor(model, trust_remote_code) if model is not None else None
 
     # Structural checks, then image checks on the rows that survive them.
     reasons = _row_rejects(frame, spec.attributes)
@@ -349,17 +350,12 @@ def _report(frame, taxonomy, reasons, kept, val_rows, filled, missing, n_tokens)
     return report
 
 
-def _load_processor(model: str | Path) -> Any:
-    from transformers import AutoProcessor
+def _load_processor(model: str | Path, trust_remote_code: bool) -> Any:
+    from vlmtax.loading import load_processor
 
-    path = Path(model)
-    if not path.exists():
+    if not Path(model).exists():
         raise VlmtaxError(f"--model {model} does not exist", "pass a local model folder (no hub access here)")
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise VlmtaxError(f"cannot load a processor from {model}: {first_line(exc)}",
-                          "pass a Qwen2-VL model folder") from None
+    return load_processor(model, padding_side=None, trust_remote_code=trust_remote_code)
 
 
 def _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels) -> dict[int, int]:
