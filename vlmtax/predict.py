@@ -5,7 +5,8 @@ and image size so that padding and the candidate blocks of constrained decoding 
 batch is appended to `<out>.partial` (JSONL; first line a fingerprint of the arguments). A rerun with
 the same arguments keeps those rows and decodes only the batches still missing, each with exactly its
 original rows, so the resumed CSV is identical to an uninterrupted run's. The final files are written
-atomically, then the partial file is removed.
+atomically, then the partial file is removed. The partial files and the shares that
+`--num-processes N` hands out live in predict_shares.py.
 """
 
 from __future__ import annotations
