@@ -86,7 +86,7 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
     from PIL import Image
 
     from vlmtax.answer import answer_segments, render_prompt
-    from vlmtax.chat import SegmentTokenizer, prompt_text
+    from vlmtax.chat import SequenceBuilder
     from vlmtax.decoding import ConstrainedDecoder
     from vlmtax.loading import load_for_inference, load_taxonomy
 
@@ -96,17 +96,13 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
     images = [Image.open(syn / "test_images" / f"{int(i):06d}.jpg").convert("RGB") for i in test["id"]]
     cats = [taxonomy.category(c) for c in test["Category"]]
     results = ConstrainedDecoder(model, processor).decode(images, cats)
-    worst = 0.0
+    builder, worst = SequenceBuilder(processor), 0.0
     for image, cat, res in zip(images, cats, results):
-        enc = processor(text=[prompt_text(processor, render_prompt(cat))], images=[image], return_tensors="pt")
-        answer, owners = SegmentTokenizer(processor.tokenizer).answer(answer_segments(cat, res.values))
-        ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1).to(model.device)
-        types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(answer), dtype=torch.long)], 1)
+        batch, start, owners = builder.teacher_forced(render_prompt(cat), [image], answer_segments(cat, res.values))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types.to(model.device),
-                           pixel_values=enc["pixel_values"].to(model.device),
-                           image_grid_thw=enc["image_grid_thw"].to(model.device)).logits[0]
-        logp, start = torch.log_softmax(logits.float(), -1), enc["input_ids"].shape[1]
+            logits = model(**batch).logits[0]
+        logp, ids = torch.log_softmax(logits.float(), -1), batch["input_ids"]
         for attr in cat.attributes:
             idx = [start + j for j, o in enumerate(owners) if o == attr.name]
             forced = sum(float(logp[i - 1, ids[0, i]]) for i in [*idx, idx[-1] + 1])

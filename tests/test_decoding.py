@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlmtax.answer import answer_segments, render_prompt
-from vlmtax.chat import SegmentTokenizer, prompt_text
+from vlmtax.chat import SegmentTokenizer, SequenceBuilder
 from vlmtax.decoding import AnswerPlans, ConstrainedDecoder, free_decode, tree_mask
 from vlmtax.loading import load_for_inference
 from vlmtax.taxonomy import Taxonomy
@@ -67,15 +67,11 @@ def test_constrained_values_are_always_allowed_for_every_category(which, rows, r
 
 def _teacher_forced(model, processor, image, category, values):
     """Per attribute: log-likelihood of the value's tokens plus the token closing it, from one plain forward."""
-    enc = processor(text=[prompt_text(processor, render_prompt(category))], images=[image], return_tensors="pt")
-    answer, owners = SegmentTokenizer(processor.tokenizer).answer(answer_segments(category, values))
-    ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1)
-    types = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(answer), dtype=torch.long)], 1)
+    batch, start, owners = SequenceBuilder(processor).teacher_forced(
+        render_prompt(category), [image], answer_segments(category, values))
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
-                       pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0]
-    logp = torch.log_softmax(logits.float(), -1)
-    start, out = enc["input_ids"].shape[1], {}
+        logits = model(**batch).logits[0]
+    logp, ids, out = torch.log_softmax(logits.float(), -1), batch["input_ids"], {}
     for attr in category.attributes:
         idx = [start + j for j, o in enumerate(owners) if o == attr.name]
         scored = idx + [idx[-1] + 1]  # the value's tokens, then the first token after it

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 
 QWEN_TOWERS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -62,7 +62,7 @@ def load_image_processor(source: str | Path, trust_remote_code: bool = False) ->
             kind = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
         except (OSError, ValueError, KeyError):
             kind = "unknown"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VlmtaxError(f"model {source!r} (type {kind}) has no image processor: {first[:200]}",
                           "use a vision encoder that ships preprocessor_config.json (CLIP, SigLIP, DINOv2, "
                           "ConvNeXt, a Qwen2-VL checkpoint)") from None
@@ -83,7 +83,7 @@ def load_encoder(source: str | Path, dtype: torch.dtype = torch.float32, trust_r
             return Encoder(tower, qwen_merge=config.vision_config.spatial_merge_size)
         model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise VlmtaxError(f"cannot load backbone {source!r}: {first[:200]}",
                           "use a local model folder (no hub access?) or check the hub id") from None
     # CLIPModel / SiglipModel hold a text tower too: keep the vision half only.

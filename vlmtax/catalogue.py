@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -181,6 +182,23 @@ def image_path(images: Path, row_id: str, rel: str | None, pattern: str) -> tupl
         if os.path.commonpath([root, real]) != root:
             return None, "image_outside_folder"
     return Path(candidate), None
+
+
+def row_images(frame: Any, images: Path, pattern: str,
+               skip: list[bool] | None = None) -> list[tuple[Path | None, tuple[str, str] | None]]:
+    """Each row's image: its `image` column where set, else `pattern` from its id; (path, None) or
+    (None, (reason, detail)). Rows marked in `skip` (already rejected) get (None, None)."""
+    rel_col = frame["image"] if "image" in frame.columns else [None] * len(frame)
+    out: list[tuple[Path | None, tuple[str, str] | None]] = []
+    for i, (row_id, rel) in enumerate(zip(frame["id"], rel_col)):
+        if skip is not None and skip[i]:
+            out.append((None, None))
+            continue
+        row_id = "" if pd.isna(row_id) else str(row_id).strip()
+        rel = None if rel is None or pd.isna(rel) or not str(rel).strip() else str(rel).strip()
+        path, reason = image_path(images, row_id, rel, pattern)
+        out.append((path, (reason, str(rel if rel is not None else pattern)) if reason else None))
+    return out
 
 
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize raises above this

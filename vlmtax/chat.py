@@ -1,14 +1,17 @@
 """Record -> token ids: the chat template around the prompt, the answer tokenised segment by segment.
 
-Training (the collator), token counting (prepare --model) and constrained decoding all go through
-these functions, so the tokens a value is scored with at prediction time are exactly the tokens it
-was trained on.
+Training (the collator), merge's verification probe, token counting (prepare --model) and constrained
+decoding all go through these functions, so the tokens a value is scored with at prediction time are
+exactly the tokens it was trained on. `SequenceBuilder` is the one place that joins prompt, image tokens
+and answer ids into a teacher-forced sequence.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
+
+import torch
 
 from vlmtax.answer import IMAGE_PLACEHOLDER, Segment
 
@@ -90,3 +93,53 @@ class TokenCounter:
 def image_pad_id(processor: Any) -> int:
     tok = processor.tokenizer
     return tok.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+
+
+class SequenceBuilder:
+    """Prompt + image tokens + answer ids of one record, as the model is trained on them.
+
+    The templated prompt is tokenised once per distinct prompt and its <|image_pad|> expanded to each
+    image's token count; this equals the processor's own output record by record (tested), at a fraction
+    of the cost.
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.segments = SegmentTokenizer(processor.tokenizer)
+        self.image_pad = image_pad_id(processor)
+        self.merge = processor.image_processor.merge_size ** 2
+        self._prompts: dict[str, tuple[int, ...]] = {}
+
+    def image_inputs(self, images: list[Any]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel values and grids of `images` in one image-processor call; each image's token count."""
+        if not images:
+            return {}, []
+        vision = self.processor.image_processor(images=images, return_tensors="pt")
+        per_image = (vision["image_grid_thw"].prod(-1) // self.merge).tolist()
+        return {k: vision[k] for k in ("pixel_values", "image_grid_thw")}, per_image
+
+    def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
+        if prompt not in self._prompts:
+            self._prompts[prompt] = self.segments.encode(prompt_text(self.processor, prompt))
+        ids: list[int] = []
+        counts = iter(image_tokens)
+        for t in self._prompts[prompt]:
+            ids.extend([t] * next(counts) if t == self.image_pad else (t,))
+        return ids
+
+    def build(self, prompt: str, segments: list[Segment],
+              image_tokens: list[int]) -> tuple[list[int], list[int], list[str | None]]:
+        """Prompt ids (image pads expanded), answer ids, and the attribute owning each answer id."""
+        answer_ids, owners = self.segments.answer(segments)
+        return self.prompt_ids(prompt, image_tokens), answer_ids, owners
+
+    def teacher_forced(self, prompt: str, images: list[Any],
+                       segments: list[Segment]) -> tuple[dict[str, torch.Tensor], int, list[str | None]]:
+        """One record as a batch of one for a plain forward pass: the inputs, the prompt length, the owners."""
+        vision, counts = self.image_inputs(images)
+        prompt_ids, answer_ids, owners = self.build(prompt, segments, counts)
+        ids = torch.tensor([prompt_ids + answer_ids], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 # marks image tokens for Qwen2-VL's multimodal rope (transformers 5)
+                 "mm_token_type_ids": (ids == self.image_pad).long(), **vision}
+        return batch, len(prompt_ids), owners

@@ -27,32 +27,17 @@ app = typer.Typer(
 )
 
 
-class Format(str, enum.Enum):
-    sharegpt = "sharegpt"
-    alpaca = "alpaca"
+def _choices(name: str, *values: str) -> type[enum.Enum]:
+    """A str Enum whose members are `values`: typer shows and checks them as the option's choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-class Missing(str, enum.Enum):
-    mode = "mode"
-    mask = "mask"
-    skip = "skip"
-
-
-class VerifyImages(str, enum.Enum):
-    fast = "fast"
-    full = "full"
-
-
-class DType(str, enum.Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class Mode(str, enum.Enum):
-    constrained = "constrained"
-    free = "free"
+Format = _choices("Format", "sharegpt", "alpaca")
+Missing = _choices("Missing", "mode", "mask", "skip")
+VerifyImages = _choices("VerifyImages", "fast", "full")
+DType = _choices("DType", "auto", "bf16", "fp16", "fp32")
+Mode = _choices("Mode", "constrained", "free")
+Family = _choices("Family", "qwen2_vl", "clip", "siglip")
 
 
 @app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
@@ -74,12 +59,6 @@ def synth(
 
     out = run(out_dir, rows=rows, test_rows=test_rows, seed=seed, image_size=image_size)
     typer.echo(f"synthetic catalogue written to {out}")
-
-
-class Family(str, enum.Enum):
-    qwen2_vl = "qwen2_vl"
-    clip = "clip"
-    siglip = "siglip"
 
 
 @app.command("tiny-model")
@@ -130,6 +109,8 @@ def prepare(
     verify_images: Annotated[VerifyImages, typer.Option(
         help="fast: header + end marker (catches truncation); full: decode every pixel.")] = VerifyImages.fast,
     image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
+    trust_remote_code: Annotated[bool, typer.Option(
+        help="Let --model's processor run code shipped with the model (off: only transformers' own).")] = False,
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -139,6 +120,7 @@ def prepare(
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
         remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
+        trust_remote_code=trust_remote_code,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "

@@ -283,3 +283,15 @@ def free_decode(model: Any, processor: Any, images: list[Any], categories: list[
             snapped += changed
         results.append(RowResult(values=values, snapped=snapped))
     return results
+
+
+class FreeDecoder:
+    """`predict --mode free`: the decoder interface of ConstrainedDecoder over `free_decode`."""
+
+    def __init__(self, model: Any, processor: Any):
+        self.model, self.processor = model, processor
+        self.plans = AnswerPlans(processor.tokenizer)
+        self.forward_calls = 0  # only constrained decoding counts its forwards; generate's are its own
+
+    def decode(self, images: list[Any], categories: list[Category]) -> list[RowResult]:
+        return free_decode(self.model, self.processor, images, categories, self.plans)

@@ -52,13 +52,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     started = time.perf_counter()
 
     def stage(n: int, name: str, done: Path, fn: Callable[[], Any]) -> None:
-        if done.exists():
-            console.print(f"[{n}/7] {name}: kept from an earlier run ({done.relative_to(work)})")
-            return
-        console.rule(f"[{n}/7] {name}")
-        t0 = time.perf_counter()
-        fn()
-        console.print(f"[{n}/7] {name}: done in {time.perf_counter() - t0:.0f} s")
+        _run_stage(console, f"{n}/7", name, done, fn, f" ({done.relative_to(work)})")
 
     stage(1, "synth: synthetic catalogue", cat / "train.csv",
           lambda: synth(cat, rows=rows, test_rows=test_rows, seed=0, image_size=112))
@@ -144,13 +138,7 @@ def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[
               lambda: predict(model=run, csv=cat / "test.csv", images=cat / "test_images", out=submission,
                               probs=work / "probs-heads.jsonl", batch_size=64))]
     for n, (name, done, fn) in enumerate(steps, 1):
-        if done.exists():
-            console.print(f"[classify {n}/4] {name}: kept from an earlier run")
-            continue
-        console.rule(f"[classify {n}/4] {name}")
-        t0 = time.perf_counter()
-        fn()
-        console.print(f"[classify {n}/4] {name}: done in {time.perf_counter() - t0:.0f} s")
+        _run_stage(console, f"classify {n}/4", name, done, fn)
     console.rule("[classify 4/4] score: competition metric")
     return score(truth=cat / "test_labels.csv", pred=submission, taxonomy=run / "taxonomy.json",
                  json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console)
@@ -175,3 +163,14 @@ def side_by_side(generate: dict[str, Any], classify: dict[str, Any], ensemble: d
     table.add_row("final", f"{generate['baseline']['final']:.3f}", *(f"{r['final']:.3f}" for r in reports),
                   style="bold")
     return table
+
+
+def _run_stage(console: Any, label: str, name: str, done: Path, fn: Callable[[], Any], kept_note: str = "") -> None:
+    """Run one demo stage and time it, unless its output `done` is there from an earlier run."""
+    if done.exists():
+        console.print(f"[{label}] {name}: kept from an earlier run{kept_note}")
+        return
+    console.rule(f"[{label}] {name}")
+    t0 = time.perf_counter()
+    fn()
+    console.print(f"[{label}] {name}: done in {time.perf_counter() - t0:.0f} s")

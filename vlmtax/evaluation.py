@@ -86,7 +86,7 @@ def generate_route(processor: Any, batch_size: int) -> PredictRows:
         decoder = ConstrainedDecoder(base, processor)
         done: dict[int, dict[str, Any]] = {}
         for batch in make_batches(rows, batch_size):
-            done.update((rec["row"], rec) for rec in _decode_batch(decoder, batch, "constrained", False))
+            done.update((rec["row"], rec) for rec in _decode_batch(decoder, batch, False))
         return done
 
     return run

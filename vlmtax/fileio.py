@@ -18,52 +18,49 @@ import pandas as pd
 from vlmtax.errors import VlmtaxError, first_line
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it onto `path`, on failure delete it."""
-    path = Path(path)
-    check_writable(path, "output", "file")
+def _sibling_tmp(path: Path, kind: str) -> Path:
+    """A new temporary file or folder (`kind`) beside `path`, so the final rename stays on one filesystem."""
+    check_writable(path, "output", kind)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "dir":
+            return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        return Path(tmp)
     except OSError as exc:
         raise os_error(exc, path) from None
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except OSError as exc:  # a full disk or a vanished folder while writing: one line, nothing half-written
-        raise os_error(exc, path) from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+
+
+def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary sibling path; on success rename it onto `path`, on failure delete it."""
+    return _atomic(Path(path), "file")
+
+
+def atomic_dir(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed."""
+    return _atomic(Path(path), "dir")
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `path`, on failure it is removed."""
-    path = Path(path)
-    check_writable(path, "output", "dir")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise os_error(exc, path) from None
+def _atomic(path: Path, kind: str) -> Iterator[Path]:
+    tmp = _sibling_tmp(path, kind)
     try:
         yield tmp
-        if path.exists():
+        if kind == "dir" and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError as exc:  # a full disk or a vanished folder while writing: one line, nothing half-written
         raise os_error(exc, path) from None
     except VlmtaxError as exc:  # an inner atomic write failed: name the final path, not the temporary one
-        if str(tmp) not in exc.problem:
+        if kind != "dir" or str(tmp) not in exc.problem:
             raise
         raise VlmtaxError(exc.problem.replace(str(tmp), str(path)), exc.fix) from None
     finally:
-        if tmp.exists():
+        if kind == "dir":
             shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.meta import META_FILE
 from vlmtax.taxonomy import Taxonomy
 
@@ -182,7 +182,7 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
         raise VlmtaxError(f"the weights of {what} {source} are damaged ({exc})",
                           "restore the folder (a truncated or empty model.safetensors), or re-create it") from None
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VlmtaxError(f"cannot load {what} {source}: {first}",
                           "check the folder (no hub access here?) and that it holds a Qwen2-VL model") from None
 
@@ -203,7 +203,7 @@ def attach_adapter(base: Any, model_dir: ModelDir) -> Any:
     try:
         model = PeftModel.from_pretrained(base, str(model_dir.path))
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+        first = first_line(exc)[:300]
         raise VlmtaxError(f"adapter in {model_dir.path} does not match base model {model_dir.base}: {first}",
                           f"point base_model in {META_FILE} at the model the run was trained on") from None
     saved = set(load_file(str(model_dir.path / ADAPTER_WEIGHTS)).keys())
@@ -245,7 +245,7 @@ def load_processor(path: str | Path, fallback: str | None = None, padding_side: 
         except (OSError, ValueError) as exc:
             last = exc
     else:
-        first = str(last).strip().splitlines()[0] if last and str(last).strip() else "no processor files"
+        first = first_line(last) if last is not None and str(last).strip() else "no processor files"
         raise VlmtaxError(f"cannot load a processor from {path}: {first}", "the folder needs its processor files")
     tok = processor.tokenizer
     if tok.pad_token_id is None:

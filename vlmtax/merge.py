@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 
 from vlmtax.answer import answer_segments, render_prompt
-from vlmtax.chat import SegmentTokenizer, prompt_text
-from vlmtax.collator import load_image, record_prompt_answer, record_values
+from vlmtax.chat import SequenceBuilder
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_dir, check_writable, guard_outputs, write_json
 from vlmtax.loading import (
@@ -42,6 +41,7 @@ from vlmtax.loading import (
     run_roots,
 )
 from vlmtax.meta import META_FILE, run_meta
+from vlmtax.records import load_image, record_prompt_answer, record_values
 from vlmtax.taxonomy import Taxonomy
 
 # Largest allowed |logit difference| between merged and adapter model, relative to the largest |logit|.
@@ -88,14 +88,7 @@ def probe_inputs(processor: Any, taxonomy: Taxonomy, meta: dict[str, Any]) -> tu
         image = Image.fromarray(np.stack([np.tile(ramp, (112, 1)), np.tile(ramp[:, None], (1, 112)),
                                           np.full((112, 112), 128, np.uint8)], axis=-1))
         source = "synthetic image and prompt"
-    enc = processor(text=[prompt_text(processor, prompt)], images=[image], return_tensors="pt")
-    answer, _ = SegmentTokenizer(processor.tokenizer).answer(answer_segments(category, values))
-    extra = torch.tensor([answer], dtype=torch.long)
-    batch = {"input_ids": torch.cat([enc["input_ids"], extra], 1)}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    if "mm_token_type_ids" in enc:
-        batch["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-    batch.update({k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc})
+    batch, _, _ = SequenceBuilder(processor).teacher_forced(prompt, [image], answer_segments(category, values))
     return batch, source
 
 

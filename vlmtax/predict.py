@@ -5,7 +5,8 @@ and image size so that padding and the candidate blocks of constrained decoding 
 batch is appended to `<out>.partial` (JSONL; first line a fingerprint of the arguments). A rerun with
 the same arguments keeps those rows and decodes only the batches still missing, each with exactly its
 original rows, so the resumed CSV is identical to an uninterrupted run's. The final files are written
-atomically, then the partial file is removed.
+atomically, then the partial file is removed. The partial files and the shares that
+`--num-processes N` hands out live in predict_shares.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,9 +23,10 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, image_path
-from vlmtax.errors import VlmtaxError
+from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, row_images
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_csv, write_csv
+from vlmtax.predict_shares import Partial, Share, decode_launched, launched_share, other_partials, rank_device
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
@@ -47,20 +46,17 @@ class Row:
 
 def plan_rows(frame: pd.DataFrame, taxonomy: Taxonomy, images: Path, image_pattern: str) -> list[Row]:
     """Every input row, with the reason it cannot go to the model (unknown category, no image) if any."""
-    rel_col = frame["image"] if "image" in frame.columns else [None] * len(frame)
+    cat_texts = ["" if pd.isna(c) else " ".join(str(c).split()) for c in frame["Category"]]
+    known = [taxonomy.categories.get(c) for c in cat_texts]
+    resolved = row_images(frame, images, image_pattern, skip=[c is None for c in known])
     rows = []
-    for i, (raw_id, raw_cat, rel) in enumerate(zip(frame["id"], frame["Category"], rel_col)):
-        row_id = "" if pd.isna(raw_id) else str(raw_id).strip()
-        cat_text = "" if pd.isna(raw_cat) else " ".join(str(raw_cat).split())
-        row = Row(i, row_id, cat_text, taxonomy.categories.get(cat_text), None)
+    for i, (raw_id, cat_text, cat, (path, reject)) in enumerate(zip(frame["id"], cat_texts, known, resolved)):
+        row = Row(i, "" if pd.isna(raw_id) else str(raw_id).strip(), cat_text, cat, path)
         rows.append(row)
         if row.category is None:
             row.reject = ("unknown_category", f"{cat_text!r} is not in the taxonomy")
-            continue
-        rel = None if rel is None or pd.isna(rel) or not str(rel).strip() else str(rel).strip()
-        row.image, reason = image_path(images, row_id, rel, image_pattern)
-        if reason:
-            row.reject = (reason, str(rel if rel is not None else image_pattern))
+        elif reject:
+            row.reject = reject
         elif not row.image.is_file():
             row.reject = ("missing_image", str(row.image))
         else:
@@ -80,45 +76,7 @@ def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
     return [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
 
 
-class Partial:
-    """Rows done so far, one JSON object a line after a fingerprint line; a torn last line is dropped."""
-
-    def __init__(self, path: Path, fingerprint: dict[str, Any]):
-        self.path, self.fingerprint = path, fingerprint
-
-    def load(self) -> dict[int, dict[str, Any]]:
-        done: dict[int, dict[str, Any]] = {}
-        if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").split("\n")
-            try:
-                header = json.loads(lines[0])
-            except json.JSONDecodeError:
-                header = {}
-            same = header.get("fingerprint") == self.fingerprint
-            if not same and any(line.strip() for line in lines[1:]):
-                raise VlmtaxError(f"{self.path} holds an interrupted prediction made with other arguments",
-                                  "rerun with the same arguments to resume it, or delete it to start over")
-            for line in lines[1:] if same else []:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # killed mid-write: this row and any after it are decoded again
-                done[rec["row"]] = rec
-        with atomic_path(self.path) as tmp:  # rewrite clean, so appends never land on a torn line
-            tmp.write_text("".join(json.dumps(x) + "\n" for x in [{"fingerprint": self.fingerprint},
-                                                                   *done.values()]), encoding="utf-8")
-        return done
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -> list[dict[str, Any]]:
-    from vlmtax.decoding import free_decode
-
+def _decode_batch(decoder: Any, batch: list[Row], want_probs: bool) -> list[dict[str, Any]]:
     records, images, ok = [], [], []
     for row in batch:
         try:
@@ -127,22 +85,18 @@ def _decode_batch(decoder: Any, batch: list[Row], mode: str, want_probs: bool) -
             ok.append(row)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             records.append({"row": row.index, "reject": ["unreadable_image", f"{row.image}: {exc}"]})
-    def run(imgs: list[Any], cats: list[Category]) -> list[Any]:
-        return decoder.decode(imgs, cats) if mode == "constrained" else \
-            free_decode(decoder.model, decoder.processor, imgs, cats, decoder.plans)
-
     if ok:
         try:
-            results: list[Any] = run(images, [r.category for r in ok])
+            results: list[Any] = decoder.decode(images, [r.category for r in ok])
         except ValueError:
             # The processor refused an image of the batch: decode row by row, so only that row is rejected.
             results = []
             for row, img in zip(ok, images):
                 try:
-                    results.extend(run([img], [row.category]))
+                    results.extend(decoder.decode([img], [row.category]))
                 except ValueError as exc:
                     results.append(None)
-                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    first = first_line(exc)[:200]
                     records.append({"row": row.index, "reject": ["processor_refused", f"{row.image}: {first}"]})
         for row, res in zip(ok, results):
             if res is None:
@@ -188,44 +142,20 @@ def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonom
             pd.DataFrame(rejects, columns=REJECT_COLUMNS), prob_lines)
 
 
-@dataclass(frozen=True)
-class Share:
-    """The batches one process decodes: every `count`-th batch from `index` (one process: all of them).
-    Each share has its own partial file, so any process can be killed and its share resumed."""
-
-    index: int = 0
-    count: int = 1
-
-    def pick(self, batches: list[list[Row]]) -> list[tuple[int, list[Row]]]:
-        return [(n, b) for n, b in enumerate(batches) if n % self.count == self.index]
-
-    def partial(self, out: Path, fingerprint: dict[str, Any]) -> Partial:
-        name = f"{out.name}.partial" if self.count == 1 else f"{out.name}.partial.{self.index}-of-{self.count}"
-        return Partial(out.with_name(name), {**fingerprint, "share": [self.index, self.count]}
-                       if self.count > 1 else fingerprint)
-
-
-def launched_share() -> Share | None:
-    """This process's share when `predict --num-processes N` launched it (accelerate/torchrun set RANK)."""
-    if "VLMTAX_LAUNCHED" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return Share(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-    return None
-
-
-def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str,
-                     device: str | None) -> Callable[[], Any]:
-    """What decodes a batch, built only when a share has work: the VLM's constrained decoder (free mode
-    reuses its model and processor) at `vlm_path`, or, where that is None, a classify run's heads."""
+def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str, device: str | None,
+                     mode: str) -> Callable[[], Any]:
+    """What decodes a batch, built only when a share has work: the VLM at `vlm_path` with the constrained or
+    free decoder of `mode`, or, where `vlm_path` is None, a classify run's heads."""
     def make() -> Any:
         if vlm_path is None:
             from vlmtax.heads_predict import HeadsPredictor
 
             return HeadsPredictor(model, tax, device)
-        from vlmtax.decoding import ConstrainedDecoder
+        from vlmtax.decoding import ConstrainedDecoder, FreeDecoder
         from vlmtax.loading import load_for_inference
 
         loaded, processor, _ = load_for_inference(vlm_path, dtype=dtype, device=device)
-        return ConstrainedDecoder(loaded, processor)
+        return (ConstrainedDecoder if mode == "constrained" else FreeDecoder)(loaded, processor)
 
     return make
 
@@ -242,7 +172,7 @@ def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[l
 
     def run() -> Iterator[dict[str, Any]]:
         for n, batch in pending:
-            fresh = [r for r in _decode_batch(decoder, batch, mode, want_probs) if r["row"] not in done]
+            fresh = [r for r in _decode_batch(decoder, batch, want_probs) if r["row"] not in done]
             partial.append(fresh)
             done.update((r["row"], r) for r in fresh)
             if on_batch is not None:
@@ -254,36 +184,6 @@ def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[l
     for _ in progress_iter(run(), total=todo, desc=desc, unit="rows"):
         pass
     return done, todo, decoder.forward_calls
-
-
-def _launch(num_processes: int, argv: list[str]) -> None:
-    """Data-parallel prediction: `accelerate launch` N copies of `vlmtax predict` (the same mechanism as sft;
-    --multi_gpu is accelerate's torchrun launcher, which starts CPU processes too)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "-m", "vlmtax", "predict", *argv]
-    proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
-    if proc.returncode != 0:
-        raise VlmtaxError(f"a prediction process exited with code {proc.returncode}; the finished shares are kept",
-                          "rerun the same command to resume")
-
-
-def _rank_device(device: str | None) -> str | None:
-    """Each launched process on its own GPU (cuda:LOCAL_RANK) unless --device names one."""
-    import torch
-
-    if device in (None, "cuda") and torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return device
-
-
-def _other_partials(out: Path, num_processes: int) -> None:
-    mine = f"{out.name}.partial" if num_processes == 1 else f"{out.name}.partial.*-of-{num_processes}"
-    others = [p for p in out.parent.glob(f"{out.name}.partial*") if not p.match(mine) and ".tmp" not in p.name]
-    if others:
-        count = others[0].name.rsplit("-of-", 1)[-1] if "-of-" in others[0].name else "1"
-        raise VlmtaxError(f"{others[0]} holds an interrupted prediction made with --num-processes {count}",
-                          f"rerun with --num-processes {count} to resume it, or delete it to start over")
 
 
 def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, out: Path,
@@ -347,14 +247,14 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
     want_probs = probs is not None
     share = launched_share()
     if share is not None:  # a launched process: its share only; the launching process writes the outputs
-        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, _rank_device(device)),
+        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, rank_device(device), mode),
                                    batches, share.partial(out, fingerprint), mode, want_probs, on_batch)
         return {"share": [share.index, share.count], "decoded": todo}
-    _other_partials(out, num_processes)
+    other_partials(out, num_processes)
     shares = [Share(i, num_processes) for i in range(num_processes)]
     started, forwards = time.perf_counter(), 0
     if num_processes == 1:
-        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device),
+        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device, mode),
                                              batches, shares[0].partial(out, fingerprint), mode, want_probs,
                                              on_batch)
     else:
@@ -362,15 +262,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
                 {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy,
                  "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern,
                  "dtype": dtype, "device": device}.items() if v is not None]
-        done = _merged(shares, out, fingerprint)
-        todo = sum(r.index not in done for b in batches for r in b)
-        if todo:
-            _launch(num_processes, argv)
-            done = _merged(shares, out, fingerprint)
-        missing = [r.index for b in batches for r in b if r.index not in done]
-        if missing:
-            raise VlmtaxError(f"{len(missing)} row(s) were not decoded by any process (first: input row {missing[0]})",
-                              "rerun the same command to resume")
+        done, todo = decode_launched(shares, out, fingerprint, batches, argv)
     seconds = time.perf_counter() - started
     partials = [s.partial(out, fingerprint).path for s in shares]
     report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
@@ -387,13 +279,6 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         summary += f"; {report['snapped']} of {report['slots']} generated values were not allowed and were snapped"
     print(summary, flush=True)
     return report
-
-
-def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    done: dict[int, dict[str, Any]] = {}
-    for s in shares:
-        done.update(s.partial(out, fingerprint).load())
-    return done
 
 
 def _finish(rows: list[Row], done: dict[int, dict[str, Any]], tax: Taxonomy, out: Path, probs: str | Path | None,

@@ -3,12 +3,14 @@
 Outputs (all written into a temporary folder and renamed at the end, so a failed run leaves nothing):
 train.json, val.json (ShareGPT or Alpaca), dataset_info.json (LLaMA-Factory), taxonomy.json,
 val.csv (validation truth in submission layout), rejects.csv, report.json, prepare_meta.json.
+The steps, in order: check inputs, resolve and check images, fill missing labels, count tokens,
+split, write (prepare_write.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +23,246 @@ from vlmtax.catalogue import (
     DEFAULT_IMAGE_PATTERN,
     MIN_SIDE,
     REJECT_COLUMNS,
+    CategoryAttributes,
     ambiguous_rows,
     geometry_reject,
-    image_path,
     read_category_attributes,
+    row_images,
 )
-from vlmtax.errors import VlmtaxError, first_line
-from vlmtax.fileio import atomic_dir, check_writable, file_sha256, guard_outputs, read_csv, write_json
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import check_writable, file_sha256, guard_outputs, read_csv
 from vlmtax.imagecheck import VERIFY_MODES, cache_file, check_images
+from vlmtax.prepare_write import (
+    all_rejected,
+    build_report,
+    check_out_dir,
+    make_record,
+    write_dataset,
+    write_rejects_only,
+)
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
 
 FORMATS = ("sharegpt", "alpaca")
 MISSING_RULES = ("mode", "mask", "skip")
-PREPARE_META_FILE = "prepare_meta.json"  # not meta.META_FILE (vlmtax_meta.json), which is a run dir's
-# Everything prepare writes. A rerun replaces these and nothing else: a folder holding any other file
-# is refused rather than replaced, so files the user keeps there are never deleted.
-OWN_FILES = frozenset({"train.json", "val.json", "dataset_info.json", "report.json", "taxonomy.json", "val.csv",
-                       "rejects.csv", PREPARE_META_FILE})
 
 
-def _check_out_dir(out: Path, fingerprint: dict[str, Any]) -> None:
-    """Refuse to replace a folder that holds something other than this same dataset."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise VlmtaxError(f"output path {out} is a file", "pass a folder for --out")
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    foreign = [name for name in entries if name not in OWN_FILES]
-    if foreign:
+@dataclass
+class Verdicts:
+    """Per input row: why it is rejected (None: kept so far) and the detail shown in rejects.csv."""
+
+    reasons: list[str | None]
+    details: list[str]
+
+    def reject(self, i: int, reason: str, detail: str) -> None:
+        self.reasons[i], self.details[i] = reason, detail
+
+    def live(self) -> list[int]:
+        return [i for i, r in enumerate(self.reasons) if r is None]
+
+
+def prepare(
+    csv: str | Path,
+    images: str | Path,
+    attributes: str | Path,
+    out: str | Path,
+    format: str = "sharegpt",
+    missing: str = "mode",
+    filler: str = DEFAULT_FILLER,
+    val_fraction: float = 0.1,
+    seed: int = 42,
+    model: str | Path | None = None,
+    max_pixels: int = 262144,
+    min_pixels: int = 3136,
+    max_length: int = 2048,
+    strict: bool = False,
+    image_pattern: str = DEFAULT_IMAGE_PATTERN,
+    remaps: list[str] | None = None,
+    workers: int | None = None,
+    verify_images: str = "fast",
+    image_cache: bool = True,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
+    csv, images, out = Path(csv), Path(images), Path(out)
+    _check_options(format, missing, verify_images, val_fraction, images)
+    guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model}, {"--out": out})
+    check_writable(out, "--out", "dir")
+    filler = normalise(filler) or DEFAULT_FILLER
+    frame, spec, declared = _read_inputs(csv, attributes, remaps)
+    fingerprint = {"csv": str(csv.resolve()), "csv_sha256": file_sha256(csv)}
+    check_out_dir(out, fingerprint)
+    processor = _load_processor(model, trust_remote_code) if model is not None else None
+
+    verdicts = Verdicts(_row_rejects(frame, spec.attributes), [""] * len(frame))
+    paths, sizes = _resolve_images(frame, images, image_pattern, verdicts, _min_side(processor),
+                                   workers=workers, verify=verify_images, image_cache=image_cache)
+    taxonomy = build_taxonomy(frame.iloc[verdicts.live()], spec.attributes, declared, filler)
+    _check_filler(taxonomy)
+    rows = frame.to_dict("records")  # plain dicts: row access by position is far cheaper than .iloc
+    records_meta, filled_counts = _fill(rows, taxonomy, missing, verdicts)
+    n_tokens: dict[int, int] = {}
+    if processor is not None:
+        n_tokens = _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels)
+        records_meta = _apply_budget(records_meta, n_tokens, max_length, verdicts)
+
+    rejects = _rejects(rows, verdicts, spec.attributes, strict)
+    if not records_meta:
+        write_rejects_only(out, rejects, fingerprint)
+        raise all_rejected(rejects, out, images, image_pattern)
+    train, val, kept, val_rows = _split(format, rows, taxonomy, records_meta, paths, n_tokens, val_fraction, seed)
+    report = build_report(frame, taxonomy, verdicts.reasons, kept, val_rows, filled_counts, missing, n_tokens)
+    report.update(train_records=len(train), val_records=len(val), rejected=len(rejects))
+    meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
+            "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
+            "image_pattern": image_pattern, "verify_images": verify_images,
+            "model": str(model) if model else None,
+            "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
+    write_dataset(out, format, train, val, report, taxonomy, frame.iloc[val_rows], rejects, meta)
+    return report
+
+
+def _check_options(format: str, missing: str, verify_images: str, val_fraction: float, images: Path) -> None:
+    if format not in FORMATS:
+        raise VlmtaxError(f"unknown format {format!r}", f"use one of {', '.join(FORMATS)}")
+    if missing not in MISSING_RULES:
+        raise VlmtaxError(f"unknown missing-label rule {missing!r}", f"use one of {', '.join(MISSING_RULES)}")
+    if verify_images not in VERIFY_MODES:
+        raise VlmtaxError(f"unknown image check {verify_images!r}", f"use one of {', '.join(VERIFY_MODES)}")
+    if not 0 <= val_fraction < 1:
+        raise VlmtaxError(f"--val-fraction {val_fraction} is out of range", "use a share in [0, 1)")
+    if not images.is_dir():
+        raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the catalogue images")
+
+
+def _read_inputs(csv: Path, attributes: str | Path,
+                 remaps: list[str] | None) -> tuple[pd.DataFrame, CategoryAttributes, list[Remap]]:
+    """The catalogue (ids, categories and slots normalised), the category attributes, the checked remaps."""
+    frame = read_csv(csv, "catalogue CSV", ["id", "Category", "len"])
+    spec = read_category_attributes(attributes)
+    declared = spec.remaps + [Remap.parse(r) for r in remaps or []]
+    seen_remaps: set[tuple[str, frozenset[str]]] = set()
+    for r in declared:
+        key = (r.category, frozenset((r.a, r.b)))
+        if key in seen_remaps:
+            raise VlmtaxError(f"remap {r.category}:{r.a}<->{r.b} is declared twice",
+                              "declare it once (attribute file or --remap): a second swap undoes the first")
+        seen_remaps.add(key)
+        if r.category not in spec.attributes:
+            raise VlmtaxError(f"remap names unknown category {r.category!r}", "use a category of the attribute file")
+    needed = max(len(a) for a in spec.attributes.values())
+    absent = [c for c in SLOT_COLUMNS[:needed] if c not in frame.columns]
+    if absent:
         raise VlmtaxError(
-            f"output folder {out} holds files prepare did not write ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); replacing the folder would delete them",
-            "choose a new or empty --out folder")
-    meta = out / PREPARE_META_FILE
-    try:
-        old = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise VlmtaxError(
-            f"output folder {out} already holds files that are not a vlmtax dataset", "choose an empty --out folder"
-        ) from None
-    if old.get("csv_sha256") != fingerprint["csv_sha256"] or old.get("csv") != fingerprint["csv"]:
-        raise VlmtaxError(
-            f"output folder {out} already holds a different dataset (prepared from {old.get('csv')})",
-            "choose another --out folder or delete it",
+            f"catalogue CSV {csv} lacks column(s) {', '.join(absent)} that the categories need",
+            "add the attr_i columns (empty where not applicable)",
         )
+
+    # Object columns keep None as None (pandas' string dtype would turn it into NaN).
+    def column(values: Any) -> pd.Series:
+        return pd.Series(list(values), index=frame.index, dtype=object)
+
+    for c in SLOT_COLUMNS:
+        frame[c] = column(map(normalise, frame[c]) if c in frame.columns else [None] * len(frame))
+    frame["id"] = column(None if pd.isna(v) else str(v).strip() for v in frame["id"])
+    frame["Category"] = column(None if pd.isna(v) else " ".join(str(v).split()) for v in frame["Category"])
+    return frame, spec, declared
+
+
+def _resolve_images(frame: pd.DataFrame, images: Path, pattern: str, verdicts: Verdicts, min_side: int, *,
+                    workers: int | None, verify: str,
+                    image_cache: bool) -> tuple[list[Path | None], dict[int, tuple[int, int]]]:
+    """Each surviving row's image path, checked (readable, not truncated, a shape the model takes); sizes."""
+    paths: list[Path | None] = [None] * len(frame)
+    resolved = row_images(frame, images, pattern, skip=[r is not None for r in verdicts.reasons])
+    for i, (path, reject) in enumerate(resolved):
+        paths[i] = path
+        if reject:
+            verdicts.reject(i, *reject)
+    _reject_ambiguous(verdicts, paths, frame["id"])
+    todo = verdicts.live()
+    sizes: dict[int, tuple[int, int]] = {}
+    checks = check_images([str(paths[i]) for i in todo], workers=workers, verify=verify,
+                          cache=cache_file(images) if image_cache else None)
+    for i, (reason, w, h) in zip(todo, checks):
+        if reason:
+            verdicts.reject(i, reason, str(paths[i]))
+        elif (refused := geometry_reject(w, h, min_side)) is not None:
+            verdicts.reject(i, refused[0], f"{paths[i]}: {refused[1]}")
+        else:
+            sizes[i] = (w, h)
+    return paths, sizes
+
+
+def _fill(rows: list[dict[str, Any]], taxonomy: Taxonomy, missing: str,
+          verdicts: Verdicts) -> tuple[list[tuple[int, dict[str, str], list[str]]], Counter[str]]:
+    """Len-aware filling of slots 1..len (slots past len never enter the answer text): (row, values, masked)
+    per kept row, and the count of filled labels per category/attribute."""
+    records_meta: list[tuple[int, dict[str, str], list[str]]] = []
+    filled_counts: Counter[str] = Counter()
+    for i in verdicts.live():
+        row = rows[i]
+        cat = taxonomy.categories[row["Category"]]
+        values: dict[str, str] = {}
+        masked: list[str] = []
+        for attr in cat.attributes:
+            value = row[attr.column]
+            if value is None:
+                filled_counts[f"{cat.name}/{attr.name}"] += 1
+                masked.append(attr.name)
+                value = attr.mode
+            values[attr.name] = value
+        if masked and missing == "skip":
+            verdicts.reject(i, "missing_labels", ", ".join(masked))
+            continue
+        records_meta.append((i, values, masked if missing == "mask" else []))
+    return records_meta, filled_counts
+
+
+def _apply_budget(records_meta: list[tuple[int, dict[str, str], list[str]]], n_tokens: dict[int, int],
+                  max_length: int, verdicts: Verdicts) -> list[tuple[int, dict[str, str], list[str]]]:
+    """A record that does not fit would have to be truncated through its image tokens: reject it."""
+    for i, _, _ in records_meta:
+        if n_tokens[i] > max_length:
+            verdicts.reject(i, "too_long", f"{n_tokens[i]} tokens > --max-length {max_length}")
+    return [m for m in records_meta if verdicts.reasons[m[0]] is None]
+
+
+def _rejects(rows: list[dict[str, Any]], verdicts: Verdicts, cat_attrs: dict[str, list[str]],
+             strict: bool) -> pd.DataFrame:
+    rejects = pd.DataFrame(
+        [
+            {"id": rows[i]["id"], "Category": rows[i]["Category"], "reason": r,
+             "detail": _detail(r, rows[i], cat_attrs, verdicts.details[i])}
+            for i, r in enumerate(verdicts.reasons) if r is not None
+        ],
+        columns=REJECT_COLUMNS,
+    )
+    if strict and len(rejects):
+        first = rejects.iloc[0]
+        raise VlmtaxError(
+            f"--strict: {len(rejects)} row(s) rejected, first id {first['id']}: {first['reason']} {first['detail']}",
+            "fix the catalogue or drop --strict to write them to rejects.csv",
+        )
+    return rejects
+
+
+def _split(fmt: str, rows: list[dict[str, Any]], taxonomy: Taxonomy,
+           records_meta: list[tuple[int, dict[str, str], list[str]]], paths: list[Path | None],
+           n_tokens: dict[int, int], val_fraction: float,
+           seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], list[int]]:
+    """Train and validation records, the kept row positions and the validation ones."""
+    kept = [m[0] for m in records_meta]
+    categories = pd.Series([rows[i]["Category"] for i in kept])
+    is_val = dict(zip(kept, _stratified_split(categories, val_fraction, seed)))
+    train, val = [], []
+    for i, values, masked in records_meta:
+        cat = taxonomy.categories[rows[i]["Category"]]
+        meta = {"id": rows[i]["id"], "category": cat.name, "attributes": values, "masked": masked}
+        if i in n_tokens:
+            meta["n_tokens"] = n_tokens[i]
+        rec = make_record(fmt, render_prompt(cat), render_answer(cat, values), str(paths[i]), meta)
+        (val if is_val[i] else train).append(rec)
+    return train, val, kept, [i for i in kept if is_val[i]]
 
 
 def _stratified_split(categories: pd.Series, fraction: float, seed: int) -> np.ndarray:
@@ -112,254 +308,12 @@ def _detail(reason: str, row: dict[str, Any], cat_attrs: dict[str, list[str]], e
     return extra
 
 
-def _record(fmt: str, prompt: str, answer: str, image: str, meta: dict[str, Any]) -> dict[str, Any]:
-    if fmt == "sharegpt":
-        rec = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-    else:
-        rec = {"instruction": prompt, "input": "", "output": answer}
-    rec["images"] = [image]
-    rec.update(meta)
-    return rec
+def _load_processor(model: str | Path, trust_remote_code: bool) -> Any:
+    from vlmtax.loading import load_processor
 
-
-def _dataset_info(fmt: str) -> dict[str, Any]:
-    if fmt == "sharegpt":
-        entry = {
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "images": "images"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-        }
-    else:
-        entry = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output",
-                                                    "images": "images"}}
-    return {"vlmtax_train": {"file_name": "train.json", **entry}, "vlmtax_val": {"file_name": "val.json", **entry}}
-
-
-def prepare(
-    csv: str | Path,
-    images: str | Path,
-    attributes: str | Path,
-    out: str | Path,
-    format: str = "sharegpt",
-    missing: str = "mode",
-    filler: str = DEFAULT_FILLER,
-    val_fraction: float = 0.1,
-    seed: int = 42,
-    model: str | Path | None = None,
-    max_pixels: int = 262144,
-    min_pixels: int = 3136,
-    max_length: int = 2048,
-    strict: bool = False,
-    image_pattern: str = DEFAULT_IMAGE_PATTERN,
-    remaps: list[str] | None = None,
-    workers: int | None = None,
-    verify_images: str = "fast",
-    image_cache: bool = True,
-) -> dict[str, Any]:
-    """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
-    csv, images, out = Path(csv), Path(images), Path(out)
-    if format not in FORMATS:
-        raise VlmtaxError(f"unknown format {format!r}", f"use one of {', '.join(FORMATS)}")
-    if missing not in MISSING_RULES:
-        raise VlmtaxError(f"unknown missing-label rule {missing!r}", f"use one of {', '.join(MISSING_RULES)}")
-    if verify_images not in VERIFY_MODES:
-        raise VlmtaxError(f"unknown image check {verify_images!r}", f"use one of {', '.join(VERIFY_MODES)}")
-    if not 0 <= val_fraction < 1:
-        raise VlmtaxError(f"--val-fraction {val_fraction} is out of range", "use a share in [0, 1)")
-    if not images.is_dir():
-        raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the catalogue images")
-    guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model}, {"--out": out})
-    check_writable(out, "--out", "dir")
-    filler = normalise(filler) or DEFAULT_FILLER
-
-    frame = read_csv(csv, "catalogue CSV", ["id", "Category", "len"])
-    spec = read_category_attributes(attributes)
-    declared = spec.remaps + [Remap.parse(r) for r in remaps or []]
-    seen_remaps: set[tuple[str, frozenset[str]]] = set()
-    for r in declared:
-        key = (r.category, frozenset((r.a, r.b)))
-        if key in seen_remaps:
-            raise VlmtaxError(f"remap {r.category}:{r.a}<->{r.b} is declared twice",
-                              "declare it once (attribute file or --remap): a second swap undoes the first")
-        seen_remaps.add(key)
-        if r.category not in spec.attributes:
-            raise VlmtaxError(f"remap names unknown category {r.category!r}", "use a category of the attribute file")
-    needed = max(len(a) for a in spec.attributes.values())
-    absent = [c for c in SLOT_COLUMNS[:needed] if c not in frame.columns]
-    if absent:
-        raise VlmtaxError(
-            f"catalogue CSV {csv} lacks column(s) {', '.join(absent)} that the categories need",
-            "add the attr_i columns (empty where not applicable)",
-        )
-    # Object columns keep None as None (pandas' string dtype would turn it into NaN).
-    def column(values: Any) -> pd.Series:
-        return pd.Series(list(values), index=frame.index, dtype=object)
-
-    for c in SLOT_COLUMNS:
-        frame[c] = column(map(normalise, frame[c]) if c in frame.columns else [None] * len(frame))
-    frame["id"] = column(None if pd.isna(v) else str(v).strip() for v in frame["id"])
-    frame["Category"] = column(None if pd.isna(v) else " ".join(str(v).split()) for v in frame["Category"])
-
-    fingerprint = {"csv": str(csv.resolve()), "csv_sha256": file_sha256(csv)}
-    _check_out_dir(out, fingerprint)
-    processor = _load_processor(model) if model is not None else None
-
-    # Structural checks, then image checks on the rows that survive them.
-    reasons = _row_rejects(frame, spec.attributes)
-    details = [""] * len(frame)
-    paths: list[Path | None] = [None] * len(frame)
-    rel_col = frame["image"] if "image" in frame.columns else pd.Series([None] * len(frame))
-    for i, (row_id, rel) in enumerate(zip(frame["id"], rel_col)):
-        if reasons[i] is None:
-            rel = None if rel is None or pd.isna(rel) or not str(rel).strip() else str(rel).strip()
-            paths[i], reasons[i] = image_path(images, row_id, rel, image_pattern)
-            if reasons[i]:
-                details[i] = str(rel if rel is not None else image_pattern)
-    _reject_ambiguous(reasons, details, paths, frame["id"])
-    todo = [i for i, r in enumerate(reasons) if r is None]
-    sizes: dict[int, tuple[int, int]] = {}
-    min_side = _min_side(processor)
-    checks = check_images([str(paths[i]) for i in todo], workers=workers, verify=verify_images,
-                          cache=cache_file(images) if image_cache else None)
-    for i, (reason, w, h) in zip(todo, checks):
-        if reason:
-            reasons[i], details[i] = reason, str(paths[i])
-        elif (refused := geometry_reject(w, h, min_side)) is not None:
-            reasons[i], details[i] = refused[0], f"{paths[i]}: {refused[1]}"
-        else:
-            sizes[i] = (w, h)
-
-    ok = [i for i, r in enumerate(reasons) if r is None]
-    taxonomy = build_taxonomy(frame.iloc[ok], spec.attributes, declared, filler)
-    _check_filler(taxonomy)
-    rows = frame.to_dict("records")  # plain dicts: row access by position is far cheaper than .iloc
-
-    # Len-aware filling of slots 1..len; slots past len never enter the answer text.
-    records_meta: list[tuple[int, dict[str, str], list[str]]] = []
-    filled_counts: Counter[str] = Counter()
-    for i in ok:
-        row = rows[i]
-        cat = taxonomy.categories[row["Category"]]
-        values: dict[str, str] = {}
-        masked: list[str] = []
-        for attr in cat.attributes:
-            value = row[attr.column]
-            if value is None:
-                filled_counts[f"{cat.name}/{attr.name}"] += 1
-                masked.append(attr.name)
-                value = attr.mode
-            values[attr.name] = value
-        if masked and missing == "skip":
-            reasons[i], details[i] = "missing_labels", ", ".join(masked)
-            continue
-        records_meta.append((i, values, masked if missing == "mask" else []))
-
-    # Token budget: a record that does not fit would have to be truncated through its image tokens.
-    n_tokens: dict[int, int] = {}
-    if processor is not None:
-        n_tokens = _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels)
-        for i, _, _ in records_meta:
-            if n_tokens[i] > max_length:
-                reasons[i], details[i] = "too_long", f"{n_tokens[i]} tokens > --max-length {max_length}"
-        records_meta = [m for m in records_meta if reasons[m[0]] is None]
-
-    rejects = pd.DataFrame(
-        [
-            {"id": rows[i]["id"], "Category": rows[i]["Category"], "reason": r,
-             "detail": _detail(r, rows[i], spec.attributes, details[i])}
-            for i, r in enumerate(reasons) if r is not None
-        ],
-        columns=REJECT_COLUMNS,
-    )
-    if strict and len(rejects):
-        first = rejects.iloc[0]
-        raise VlmtaxError(
-            f"--strict: {len(rejects)} row(s) rejected, first id {first['id']}: {first['reason']} {first['detail']}",
-            "fix the catalogue or drop --strict to write them to rejects.csv",
-        )
-    if not records_meta:
-        _write_rejects_only(out, rejects, fingerprint)
-        raise _all_rejected(rejects, out, images, image_pattern)
-
-    kept = [m[0] for m in records_meta]
-    is_val = dict(zip(kept, _stratified_split(frame["Category"].iloc[kept].reset_index(drop=True), val_fraction,
-                                                seed)))
-    train, val = [], []
-    for i, values, masked in records_meta:
-        cat = taxonomy.categories[rows[i]["Category"]]
-        meta = {"id": rows[i]["id"], "category": cat.name, "attributes": values, "masked": masked}
-        if i in n_tokens:
-            meta["n_tokens"] = n_tokens[i]
-        rec = _record(format, render_prompt(cat), render_answer(cat, values), str(paths[i]), meta)
-        (val if is_val[i] else train).append(rec)
-
-    val_rows = [i for i in kept if is_val[i]]
-    report = _report(frame, taxonomy, reasons, kept, val_rows, filled_counts, missing, n_tokens)
-    report.update(train_records=len(train), val_records=len(val), rejected=len(rejects))
-    with atomic_dir(out) as tmp:
-        for name, obj in (("train.json", train), ("val.json", val), ("dataset_info.json", _dataset_info(format)),
-                          ("report.json", report)):
-            # No indent: json's C encoder only runs without one (7x faster on a 70k-row catalogue).
-            write_json(tmp / name, obj, indent=None)
-        taxonomy.save(tmp / "taxonomy.json")
-        _truth_frame(frame.iloc[val_rows], taxonomy).to_csv(tmp / "val.csv", index=False)
-        rejects.to_csv(tmp / "rejects.csv", index=False)
-        meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
-                "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
-                "image_pattern": image_pattern, "verify_images": verify_images,
-                "model": str(model) if model else None,
-                "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
-        write_json(tmp / PREPARE_META_FILE, meta)
-    return report
-
-
-def _truth_frame(rows: pd.DataFrame, taxonomy: Taxonomy) -> pd.DataFrame:
-    """Validation truth in submission layout: original columns, missing labels empty, filler past len."""
-    out = rows[["id", "Category", "len"]].copy()
-    for c in SLOT_COLUMNS:
-        out[c] = taxonomy.filler
-    for name, cat in taxonomy.categories.items():
-        sel = (rows["Category"] == name).to_numpy()
-        for attr in cat.attributes:
-            out.loc[sel, attr.column] = rows.loc[sel, attr.column].fillna("").to_numpy()
-    return out
-
-
-def _report(frame, taxonomy, reasons, kept, val_rows, filled, missing, n_tokens) -> dict[str, Any]:
-    kept_cats = Counter(frame["Category"].iloc[kept])
-    val_cats = Counter(frame["Category"].iloc[val_rows])
-    per_reason = Counter(r for r in reasons if r is not None)
-    per_category = {
-        name: {"rows": int((frame["Category"] == name).sum()), "kept": kept_cats.get(name, 0),
-               "val": val_cats.get(name, 0),
-               "rejected": dict(Counter(r for r, c in zip(reasons, frame["Category"]) if r and c == name))}
-        for name in taxonomy.categories
-    }
-    per_attribute = {
-        f"{name}/{a.name}": {"column": a.column, "values": len(a.values), "mode": a.mode,
-                             "missing": filled.get(f"{name}/{a.name}", 0)}
-        for name, cat in taxonomy.categories.items() for a in cat.attributes
-    }
-    report: dict[str, Any] = {"rows": len(frame), "kept": len(kept), "missing_rule": missing,
-                              "per_reason": dict(per_reason), "per_category": per_category,
-                              "per_attribute": per_attribute}
-    if n_tokens:
-        counts = np.array([n_tokens[i] for i in kept])
-        report["tokens"] = {"min": int(counts.min()), "max": int(counts.max()), "mean": float(counts.mean())}
-    return report
-
-
-def _load_processor(model: str | Path) -> Any:
-    from transformers import AutoProcessor
-
-    path = Path(model)
-    if not path.exists():
+    if not Path(model).exists():
         raise VlmtaxError(f"--model {model} does not exist", "pass a local model folder (no hub access here)")
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise VlmtaxError(f"cannot load a processor from {model}: {first_line(exc)}",
-                          "pass a Qwen2-VL model folder") from None
+    return load_processor(model, padding_side=None, trust_remote_code=trust_remote_code)
 
 
 def _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels) -> dict[int, int]:
@@ -379,12 +333,12 @@ def _min_side(processor: Any) -> int:
     return patch if isinstance(patch, int) else MIN_SIDE
 
 
-def _reject_ambiguous(reasons: list[str | None], details: list[str], paths: list[Path | None], ids: pd.Series) -> None:
+def _reject_ambiguous(verdicts: Verdicts, paths: list[Path | None], ids: pd.Series) -> None:
     """Rows whose ids name one image file (`1` and `01`) would train on each other's picture: reject all."""
-    live = [p if r is None else None for p, r in zip(paths, reasons)]
+    live = [p if r is None else None for p, r in zip(paths, verdicts.reasons)]
     for i in ambiguous_rows(live):
         others = [str(ids.iat[j]) for j, p in enumerate(live) if p == live[i] and j != i]
-        reasons[i], details[i] = "ambiguous_image", f"{live[i]} is also the image of id {', '.join(others[:3])}"
+        verdicts.reject(i, "ambiguous_image", f"{live[i]} is also the image of id {', '.join(others[:3])}")
 
 
 def _check_filler(taxonomy: Taxonomy) -> None:
@@ -394,27 +348,3 @@ def _check_filler(taxonomy: Taxonomy) -> None:
             if taxonomy.filler in attr.counts:
                 raise VlmtaxError(f"--filler {taxonomy.filler!r} is a real value of {cat.name}/{attr.name}",
                                   "pass a --filler that no attribute uses (the default is 'dummy')")
-
-
-def _write_rejects_only(out: Path, rejects: pd.DataFrame, fingerprint: dict[str, Any]) -> None:
-    """Nothing to train on: still leave rejects.csv (and the counts) where the user will look."""
-    report = {"rows": len(rejects), "kept": 0, "per_reason": dict(Counter(rejects["reason"]))}
-    with atomic_dir(out) as tmp:
-        rejects.to_csv(tmp / "rejects.csv", index=False)
-        write_json(tmp / "report.json", report)
-        write_json(tmp / PREPARE_META_FILE, {**fingerprint, "vlmtax": __version__})
-
-
-def _all_rejected(rejects: pd.DataFrame, out: Path, images: Path, pattern: str) -> VlmtaxError:
-    counts = Counter(rejects["reason"]).most_common()
-    top = ", ".join(f"{reason} {n}" for reason, n in counts[:3])
-    reason = counts[0][0]
-    if reason in ("missing_image", "image_outside_folder", "ambiguous_image", "bad_id"):
-        first = rejects.loc[rejects["reason"] == reason, "detail"].iat[0]
-        fix = f"check --images {images} and --image-pattern {pattern!r} (first {reason}: {first})"
-    elif reason in ("unknown_category", "len_mismatch"):
-        fix = ("check that --attributes belongs to this catalogue, and the CSV for shifted columns "
-               "(an unquoted comma in a value)")
-    else:
-        fix = "see the reasons per row"
-    return VlmtaxError(f"every row was rejected ({top}); reasons per row in {out / 'rejects.csv'}", fix)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.fileio import check_writable, guard_outputs, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
@@ -105,7 +105,7 @@ def check_lora_targets(recipe: Recipe) -> None:
         with torch.device("meta"):
             skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first}",
                           "point model: at a Qwen2-VL model folder") from None
     pattern = re.compile(lora_target_regex(recipe))

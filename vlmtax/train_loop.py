@@ -9,11 +9,12 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from vlmtax.collator import IGNORE, Collator, load_records, record_lengths
+from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
 from vlmtax.evaluation import eval_args
 from vlmtax.recipe import Recipe
+from vlmtax.records import load_records
 from vlmtax.taxonomy import Taxonomy
 from vlmtax.trainer_extra import extra_args, report_to
 

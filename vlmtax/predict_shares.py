@@ -1,0 +1,134 @@
+"""Data-parallel prediction: the shares of batches that `predict --num-processes N` hands to N processes,
+and the partial files through which every share is resumable.
+
+A share's partial file (`<out>.partial`, or `<out>.partial.I-of-N`) is JSONL: a fingerprint of the
+arguments on the first line, then one decoded row a line. A rerun with the same arguments keeps those
+rows; a torn last line (the process was killed mid-write) is decoded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import atomic_path
+
+
+class Partial:
+    """Rows done so far, one JSON object a line after a fingerprint line; a torn last line is dropped."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path, self.fingerprint = path, fingerprint
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        done: dict[int, dict[str, Any]] = {}
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+            try:
+                header = json.loads(lines[0])
+            except json.JSONDecodeError:
+                header = {}
+            same = header.get("fingerprint") == self.fingerprint
+            if not same and any(line.strip() for line in lines[1:]):
+                raise VlmtaxError(f"{self.path} holds an interrupted prediction made with other arguments",
+                                  "rerun with the same arguments to resume it, or delete it to start over")
+            for line in lines[1:] if same else []:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # killed mid-write: this row and any after it are decoded again
+                done[rec["row"]] = rec
+        with atomic_path(self.path) as tmp:  # rewrite clean, so appends never land on a torn line
+            tmp.write_text("".join(json.dumps(x) + "\n" for x in [{"fingerprint": self.fingerprint},
+                                                                   *done.values()]), encoding="utf-8")
+        return done
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class Share:
+    """The batches one process decodes: every `count`-th batch from `index` (one process: all of them).
+    Each share has its own partial file, so any process can be killed and its share resumed."""
+
+    index: int = 0
+    count: int = 1
+
+    def pick(self, batches: list[list[Any]]) -> list[tuple[int, list[Any]]]:
+        return [(n, b) for n, b in enumerate(batches) if n % self.count == self.index]
+
+    def partial(self, out: Path, fingerprint: dict[str, Any]) -> Partial:
+        name = f"{out.name}.partial" if self.count == 1 else f"{out.name}.partial.{self.index}-of-{self.count}"
+        return Partial(out.with_name(name), {**fingerprint, "share": [self.index, self.count]}
+                       if self.count > 1 else fingerprint)
+
+
+def launched_share() -> Share | None:
+    """This process's share when `predict --num-processes N` launched it (accelerate/torchrun set RANK)."""
+    if "VLMTAX_LAUNCHED" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return Share(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    return None
+
+
+def _launch(num_processes: int, argv: list[str]) -> None:
+    """Data-parallel prediction: `accelerate launch` N copies of `vlmtax predict` (the same mechanism as sft;
+    --multi_gpu is accelerate's torchrun launcher, which starts CPU processes too)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           "-m", "vlmtax", "predict", *argv]
+    proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
+    if proc.returncode != 0:
+        raise VlmtaxError(f"a prediction process exited with code {proc.returncode}; the finished shares are kept",
+                          "rerun the same command to resume")
+
+
+def rank_device(device: str | None) -> str | None:
+    """Each launched process on its own GPU (cuda:LOCAL_RANK) unless --device names one."""
+    import torch
+
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def other_partials(out: Path, num_processes: int) -> None:
+    mine = f"{out.name}.partial" if num_processes == 1 else f"{out.name}.partial.*-of-{num_processes}"
+    others = [p for p in out.parent.glob(f"{out.name}.partial*") if not p.match(mine) and ".tmp" not in p.name]
+    if others:
+        count = others[0].name.rsplit("-of-", 1)[-1] if "-of-" in others[0].name else "1"
+        raise VlmtaxError(f"{others[0]} holds an interrupted prediction made with --num-processes {count}",
+                          f"rerun with --num-processes {count} to resume it, or delete it to start over")
+
+
+def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    for s in shares:
+        done.update(s.partial(out, fingerprint).load())
+    return done
+
+
+
+
+def decode_launched(shares: list[Share], out: Path, fingerprint: dict[str, Any], batches: list[list[Any]],
+                    argv: list[str]) -> tuple[dict[int, dict[str, Any]], int]:
+    """Launch the processes if any row is still missing, then every share's rows: (rows done, rows decoded)."""
+    done = _merged(shares, out, fingerprint)
+    todo = sum(r.index not in done for b in batches for r in b)
+    if todo:
+        _launch(len(shares), argv)
+        done = _merged(shares, out, fingerprint)
+    missing = [r.index for b in batches for r in b if r.index not in done]
+    if missing:
+        raise VlmtaxError(f"{len(missing)} row(s) were not decoded by any process (first: input row {missing[0]})",
+                          "rerun the same command to resume")
+    return done, todo
