@@ -77,7 +77,7 @@ def head_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossCfg, counts:
     return ce.sum(), n
 
 
-@dataclass(frozen=True)
+@dataclass
 class CategoryLoss:
     """One category's heads for `category_loss`: tables over [attributes, padded values]."""
 
@@ -86,6 +86,12 @@ class CategoryLoss:
     weights: torch.Tensor | None  # class-balanced weights once they are on (one on padding), else None
     attribute_weights: torch.Tensor  # [attributes]
     drw_start: float | None  # weights apply from this share of training on (LDAM); None: from the start
+
+    def to(self, device: torch.device) -> None:
+        """Moves the tables once, not on every step."""
+        self.mask, self.margins = self.mask.to(device), self.margins.to(device)
+        self.attribute_weights = self.attribute_weights.to(device)
+        self.weights = None if self.weights is None else self.weights.to(device)
 
 
 def category_loss_table(cfg: LossCfg, mask: torch.Tensor, counts: list[torch.Tensor],
@@ -115,11 +121,13 @@ def category_loss(logits: torch.Tensor, targets: torch.Tensor, table: CategoryLo
     n = int(known.sum())
     if n == 0:
         return logits.sum() * 0.0, 0
+    if table.mask.device != logits.device:
+        table.to(logits.device)
     attr = known.nonzero(as_tuple=True)[1]
-    mask = table.mask.to(logits.device)[attr]
+    mask = table.mask[attr]
     z, t = logits[known].float(), targets[known]
     if cfg.kind == "ldam":
-        margin = table.margins.to(z.device)[attr, t]
+        margin = table.margins[attr, t]
         z = (z - torch.nn.functional.one_hot(t, z.shape[-1]) * margin[:, None]) * cfg.scale
     logp = z.masked_fill(~mask, float("-inf")).log_softmax(-1)
     nll = -logp.gather(1, t[:, None])[:, 0]
@@ -130,5 +138,5 @@ def category_loss(logits: torch.Tensor, targets: torch.Tensor, table: CategoryLo
     if cfg.kind in ("focal", "cb_focal") and cfg.gamma:
         ce = (1.0 - torch.exp(-nll)).pow(cfg.gamma) * ce
     if table.weights is not None and (table.drw_start is None or progress >= table.drw_start):
-        ce = ce * table.weights.to(ce.device)[attr, t]
-    return (ce * table.attribute_weights.to(ce.device)[attr]).sum(), n
+        ce = ce * table.weights[attr, t]
+    return (ce * table.attribute_weights[attr]).sum(), n
