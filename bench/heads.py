@@ -1,14 +1,23 @@
 """Benchmark both routes side by side on the same prepared data: training samples/s, predict rows/s, wall
 time from prepared data to a submission; and the frozen mode's feature cache against the uncached path.
 
-Setup: the synthetic catalogue (`--rows` rows, 112 px images), prepared once; the generate route is
-recipes/tiny_cpu.yaml on the tiny Qwen2-VL (full fine-tuning, merge skipped: the run dir is the
-model), the classify route recipes/tiny_heads_cpu.yaml on the tiny CLIP (full fine-tuning), each for
-`--steps` steps at batch `--batch-size`. Uncached vs cached: heads training steps with the frozen
-backbone run on every batch (images -> processor -> backbone -> heads) against the same heads on
-features read from the cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 50x.
+Training samples/s come from the Trainer's own training-loop time (`train_runtime_s` in the run's
+meta: no model loading, no feature extraction, no checkpoint); `sft_call_samples_per_s` divides by the
+whole `sft` call instead. Setup: the synthetic catalogue (`--rows` rows, 112 px images), prepared
+once; the generate route is recipes/tiny_cpu.yaml on the tiny Qwen2-VL (full fine-tuning, merge
+skipped: the run dir is the model), the classify route recipes/tiny_heads_cpu.yaml on the tiny CLIP
+(full fine-tuning), each for `--steps` steps at batch `--batch-size`. Uncached vs cached: heads
+training steps with the frozen backbone run on every batch (images -> processor -> backbone ->
+heads) against the same heads on features read from the cache, plus `vlmtax sft` in frozen mode on
+a warm cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 50x uncached.
 
     python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16] [--threads 1]
+
+Why the cached ratio stays far below 50x on the tiny models: the tiny CLIP (64 px, 8 px patches, 2
+layers of width 64) costs about 5M multiply-adds per image, so an uncached step is mostly image
+decoding and preprocessing, while a cached step still runs the heads' forward, loss, backward and
+AdamW (a few hundred small dispatched ops for 42 heads in 5 categories). On a real backbone (CLIP
+ViT-B/16: ~17G per image) the same cached step is thousands of times cheaper than the uncached one.
 
 `--threads` sets torch's CPU threads for every measurement alike. On a shared, loaded 2-core machine,
 two threads spin against each other and the neighbours' load: tiny-model steps measured 4-10x slower
@@ -56,56 +65,81 @@ def route(name: str, recipe: str, model: Path, paths: dict[str, Path], args, *ex
     run = WORK / f"run-{name}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
+    # save_steps past max_steps: no checkpoint inside the timed training loop
     sft(RECIPES / recipe, [f"model={model}", f"data={paths['data']}", f"output_dir={run}",
                            f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.eval=false",
-                           "train.grad_accum=1", *extra])
+                           "train.grad_accum=1", f"train.save_steps={args.steps + 1}", *extra])
     trained = time.perf_counter() - t0
-    history = json.loads((run / "vlmtax_meta.json").read_text())
+    meta = json.loads((run / "vlmtax_meta.json").read_text())
     out = WORK / f"sub-{name}.csv"
     out.unlink(missing_ok=True)
     report = predict(model=run, csv=paths["cat"] / "test.csv", images=paths["cat"] / "test_images", out=out,
                      batch_size=args.batch_size)
     total = time.perf_counter() - t0
-    return {"train_samples_per_s": history["global_step"] * args.batch_size / trained,
+    samples = meta["global_step"] * args.batch_size
+    return {"train_samples_per_s": samples / meta["train_runtime_s"], "sft_call_samples_per_s": samples / trained,
             "predict_rows_per_s": report["rows_per_s"], "wall_to_submission_s": total}
 
 
-def cache_speed(paths: dict[str, Path], args) -> tuple[float, float]:
-    """(uncached, cached) heads-training samples/s with the frozen tiny CLIP."""
+def cache_speed(paths: dict[str, Path], args, kind: str) -> tuple[float, float]:
+    """(uncached, cached) `kind` heads-training samples/s with the frozen tiny CLIP.
+
+    Both run the trainer's own pieces (collator, classifier, loss, AdamW): uncached, every batch goes
+    images -> processor -> frozen backbone -> heads; cached, the collator hands cached features to the heads.
+    """
     import torch
 
     from vlmtax.backbone import feature_dim, load_encoder, load_image_processor
     from vlmtax.classify_data import Collate, load_classify_data
+    from vlmtax.classify_trainer import heads_loss, heads_loss_tables
     from vlmtax.features import extract
     from vlmtax.heads import Classifier, Heads
-    from vlmtax.losses import LossCfg, head_loss
+    from vlmtax.losses import LossCfg
 
     data = load_classify_data(paths["data"])
     processor, encoder = load_image_processor(paths["clip"]), load_encoder(paths["clip"])
     encoder.requires_grad_(False)
     features = extract(encoder, processor, data.train.images + data.val.images, 64)
-    counts = data.counts()
+    tables = heads_loss_tables(LossCfg(), data, {})
 
     def speed(model: Classifier, collate: Collate) -> float:
-        opt = torch.optim.AdamW(model.heads.parameters(), 1e-3)
-        n, t0 = 0, time.perf_counter()
-        for s in range(args.steps):
-            rows = [(s * args.batch_size + i) % len(data.train.images) for i in range(args.batch_size)]
-            batch = collate(rows)
-            targets = batch.pop("targets")
-            terms = [head_loss(lg, targets[r, data.layout[i].slot], LossCfg(), counts[i])
-                     for i, r, lg in model(**batch)]
-            loss = sum(t[0] for t in terms) / max(sum(t[1] for t in terms), 1)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            n += len(rows)
-        return n / (time.perf_counter() - t0)
+        """Best of three rounds of at least 50 steps (a cached step takes milliseconds; neighbours' load varies)."""
+        opt = torch.optim.AdamW(model.heads.parameters(), 1e-3, fused=True)  # as the trainer's
+        steps, best = max(args.steps, 50), 0.0
+        for r in range(3):
+            t0 = time.perf_counter()
+            for s in range(-1 if r == 0 else 0, steps):  # round 0 starts with an untimed warm-up step
+                if s == 0:
+                    t0 = time.perf_counter()
+                rows = [(s * args.batch_size + i) % len(data.train.images) for i in range(args.batch_size)]
+                batch = collate(rows)
+                targets = batch.pop("targets")
+                heads_loss(model(**batch), targets, tables, LossCfg(), 0.5).backward()
+                opt.step()
+                opt.zero_grad()
+            best = max(best, steps * args.batch_size / (time.perf_counter() - t0))
+        return best
 
-    heads = Heads(data.layout, feature_dim(encoder, processor))
+    heads = Heads(data.layout, feature_dim(encoder, processor), kind=kind, width=128)  # the demo recipe's width
     uncached = speed(Classifier(heads, encoder), Collate(data, processor))
     cached = speed(Classifier(heads), Collate(data, features=features))
     return uncached, cached
+
+
+def frozen_sft_speed(paths: dict[str, Path], args) -> float:
+    """Training-loop samples/s of `vlmtax sft` in frozen mode on a warm feature cache (the Trainer's own steps)."""
+    from vlmtax.sft import sft
+
+    run = WORK / "run-frozen"
+    for _ in range(2):  # the first run fills the cache; the second reads it
+        shutil.rmtree(run, ignore_errors=True)
+        sft(RECIPES / "tiny_heads_cpu.yaml", [
+            f"model={paths['clip']}", f"data={paths['data']}", f"output_dir={run}", "heads.mode=frozen",
+            f"heads.cache_dir={WORK / 'cache'}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+            "train.eval=false", "train.grad_accum=1", f"train.save_steps={args.steps + 1}"])
+    meta = json.loads((run / "vlmtax_meta.json").read_text())
+    assert meta["features_extracted"] == 0, meta["features_extracted"]
+    return meta["global_step"] * args.batch_size / meta["train_runtime_s"]
 
 
 def main() -> None:
@@ -124,13 +158,21 @@ def main() -> None:
     gen = route("generate", "tiny_cpu.yaml", paths["qwen"], paths, args, "image.max_pixels=12544")
     cls = route("classify", "tiny_heads_cpu.yaml", paths["clip"], paths, args, f"heads.cache_dir={WORK / 'cache'}")
     print(f"{'':28}{'generate':>12}{'classify':>12}{'ratio':>8}")
-    for key in ("train_samples_per_s", "predict_rows_per_s", "wall_to_submission_s"):
+    for key in ("train_samples_per_s", "sft_call_samples_per_s", "predict_rows_per_s", "wall_to_submission_s"):
         print(f"{key:28}{gen[key]:12.1f}{cls[key]:12.1f}{cls[key] / gen[key]:8.1f}x")
-    uncached, cached = cache_speed(paths, args)
-    print(f"frozen heads training: uncached {uncached:.1f} samples/s, cached {cached:.1f} samples/s, "
-          f"{cached / uncached:.1f}x (target >= 50x)")
-    print(f"classify / generate training samples/s: {cls['train_samples_per_s'] / gen['train_samples_per_s']:.1f}x "
-          "(target >= 10x)")
+    frozen = frozen_sft_speed(paths, args)
+    for kind in ("mlp", "linear"):
+        uncached, cached = cache_speed(paths, args, kind)
+        print(f"frozen {kind} heads training (hand loop): uncached {uncached:.1f} samples/s, cached {cached:.1f} "
+              f"samples/s, {cached / uncached:.1f}x (target >= 50x: {'met' if cached / uncached >= 50 else 'NOT met'})")
+        if kind == "mlp":
+            print(f"frozen mlp heads training (vlmtax sft, warm cache, Trainer loop): {frozen:.1f} samples/s, "
+                  f"{frozen / uncached:.1f}x the uncached hand loop, "
+                  f"{frozen / gen['train_samples_per_s']:.1f}x generate's training samples/s")
+    ratio = cls["train_samples_per_s"] / gen["train_samples_per_s"]
+    print(f"classify / generate training samples/s (training loops): {ratio:.1f}x "
+          f"(target >= 10x: {'met' if ratio >= 10 else 'NOT met'}); whole sft calls: "
+          f"{cls['sft_call_samples_per_s'] / gen['sft_call_samples_per_s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -89,8 +89,72 @@ def test_heads_only_see_rows_of_their_category():
               HeadSpec("B", "color", 0, ("x", "y", "z", "w"))]
     heads = Heads(layout, dim=8, kind="mlp", width=4, trunk=6)
     out = heads(torch.randn(5, 8), torch.tensor([1, 0, 1, 1, 0]))
-    shapes = {i: (rows.tolist(), tuple(logits.shape)) for i, rows, logits in out}
-    assert shapes == {0: ([1, 4], (2, 2)), 1: ([1, 4], (2, 3)), 2: ([0, 2, 3], (3, 4))}
+    shapes = {c: (rows.tolist(), tuple(logits.shape)) for c, rows, logits in out}
+    assert shapes == {0: ([1, 4], (2, 2, 3)), 1: ([0, 2, 3], (3, 1, 4))}
+    per_head = {i: (rows.tolist(), tuple(logits.shape)) for i, rows, logits in heads.per_head(out)}
+    assert per_head == {0: ([1, 4], (2, 2)), 1: ([1, 4], (2, 3)), 2: ([0, 2, 3], (3, 4))}
+
+
+FUSED_LAYOUT = [HeadSpec("A", "color", 0, ("red", "blue")), HeadSpec("A", "size", 1, ("s", "m", "l", "xl")),
+                HeadSpec("A", "fit", 2, ("slim", "loose", "boxy")), HeadSpec("B", "color", 0, ("x", "y", "z")),
+                HeadSpec("B", "print", 1, ("p", "q"))]
+
+
+def separate_heads(kind: str, dim: int, width: int) -> torch.nn.ModuleList:
+    """The earlier layout: one module per head, called one by one (`heads.{i}` in the state dict)."""
+    def head(n: int) -> torch.nn.Module:
+        if kind == "linear":
+            return torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(dim, n))
+        return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.GELU(), torch.nn.Dropout(0.0),
+                                   torch.nn.Linear(width, n))
+    return torch.nn.ModuleList(head(len(h.values)) for h in FUSED_LAYOUT)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("cfg", [LossCfg("ce", label_smoothing=0.1), LossCfg("cb_focal", gamma=2.0),
+                                 LossCfg("ldam", drw_start=0.5), LossCfg("focal", beta=0.99, gamma=1.0)])
+def test_fused_heads_equal_separate_heads_in_logits_loss_and_gradients(kind, cfg):
+    from vlmtax.classify_trainer import heads_loss
+    from vlmtax.heads import category_groups, fuse_per_head_state, load_heads_state, values_mask
+    from vlmtax.losses import category_loss_table
+
+    torch.manual_seed(0)
+    dim, width = 6, 5
+    old = separate_heads(kind, dim, width)
+    fused = Heads(FUSED_LAYOUT, dim=dim, kind=kind, width=width, dropout=0.0)
+    norm = fused.norm.state_dict()
+    load_heads_state(fused, {**{f"norm.{k}": v for k, v in norm.items()},
+                             **{f"heads.{k}": v for k, v in old.state_dict().items()}})
+    feats, cats = torch.randn(7, dim), torch.tensor([0, 1, 1, 0, 0, 1, 0])
+    targets = torch.tensor([[0, 3, 2], [2, 1, IGNORE], [IGNORE, 0, IGNORE], [1, IGNORE, 0], [IGNORE, IGNORE, IGNORE],
+                            [0, 0, IGNORE], [1, 2, 1]])
+    counts = [torch.tensor([5, 2]), torch.tensor([1, 4, 9, 2]), torch.tensor([3, 3, 1]), torch.tensor([6, 1, 2]),
+              torch.tensor([4, 7])]
+    attr_w = [1.0, 2.0, 0.5, 1.5, 1.0]
+    for progress in (0.0, 0.9):
+        fused.zero_grad()
+        old.zero_grad()
+        x = fused.norm(feats)
+        total, n = 0.0, 0
+        for i, h in enumerate(FUSED_LAYOUT):  # the earlier trainer loop: head by head
+            rows = (cats == ["A", "B"].index(h.category)).nonzero(as_tuple=True)[0]
+            s, k = head_loss(old[i](x[rows]), targets[rows, h.slot], cfg, counts[i], progress)
+            total, n = total + s * attr_w[i], n + k
+        (total / n).backward()
+        outputs = fused(feats, cats)
+        for i, rows, logits in fused.per_head(outputs):
+            x_rows = fused.norm(feats)[rows]
+            torch.testing.assert_close(logits, old[i](x_rows), atol=1e-6, rtol=0)
+        tables = [category_loss_table(cfg, values_mask(FUSED_LAYOUT, g), [counts[i] for i in g], [attr_w[i] for i in g])
+                  for g in category_groups(FUSED_LAYOUT)]
+        loss = heads_loss(outputs, targets, tables, cfg, progress)
+        loss.backward()
+        assert loss.item() == pytest.approx((total / n).item(), rel=1e-6, abs=1e-6)
+        grads = fuse_per_head_state(FUSED_LAYOUT, kind, {f"heads.{k}": p.grad for k, p in old.named_parameters()})
+        for name, p in fused.named_parameters():
+            if name.startswith("norm."):
+                continue
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-6)
 
 
 def test_samplers():

@@ -99,6 +99,8 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
         save_classify_run(recipe, processor, dim, precision, model, knn_bank=bank, step=0, history=[])
         return recipe.output_dir
     trainer = build_heads_trainer(recipe, model, data, encoder, processor, precision)
+    if recipe.heads.mode == "frozen":
+        del encoder  # the features are extracted: training steps never touch the backbone again
     threads = torch.get_num_threads()
     # Heads alone are a few small matmuls per step: CPU threads spend longer synchronising than
     # computing (measured 10x faster on one thread on the 2-core machine), so frozen mode takes one.
@@ -110,10 +112,13 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     finally:
         torch.set_num_threads(threads)
     if trainer.is_world_process_zero():
+        from vlmtax.sft import train_runtime
+
         history = [x for x in trainer.state.log_history if "loss" in x or "eval_loss" in x]
         save_classify_run(recipe, processor, dim, precision, trainer.accelerator.unwrap_model(trainer.model),
                           step=trainer.state.global_step, history=history, start=trainer.start_step.step,
-                          cached=getattr(trainer, "features_extracted", None))
+                          cached=getattr(trainer, "features_extracted", None),
+                          runtime=train_runtime(trainer.state.log_history))
     return recipe.output_dir
 
 
@@ -129,7 +134,7 @@ def classifier_spec(recipe: Recipe, dim: int, layout: list) -> dict[str, Any]:
 
 def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, model: Classifier,
                       step: int, history: list, start: int | None = 0, knn_bank: dict | None = None,
-                      cached: int | None = None) -> None:
+                      cached: int | None = None, runtime: float | None = None) -> None:
     from safetensors.torch import save_file
 
     out = recipe.output_dir
@@ -159,5 +164,5 @@ def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, 
         stage="sft", task="classify", base_model=spec["backbone"], finetuning=recipe.heads.mode,
         heads_kind=recipe.heads.kind, precision=precision, trust_remote_code=recipe.trust_remote_code,
         quantization=None, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
-        global_step=step, started_at_step=start, features_extracted=cached,
+        global_step=step, started_at_step=start, features_extracted=cached, train_runtime_s=runtime,
         final_loss=next((x["loss"] for x in reversed(history) if "loss" in x), None), history=history))

@@ -14,11 +14,34 @@ from transformers import Trainer, TrainingArguments
 
 from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
 from vlmtax.errors import VlmtaxError
-from vlmtax.heads import Classifier
-from vlmtax.losses import LossCfg, head_loss
+from vlmtax.heads import Classifier, category_groups, values_mask
+from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_table
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
 from vlmtax.train_loop import StartStep
+
+
+def heads_loss_tables(cfg: LossCfg, data: ClassifyData, attribute_weights: dict[str, float]) -> list[CategoryLoss]:
+    """Per category, the loss tables of its heads (attribute weights keyed `Category/attribute` or `attribute`)."""
+    counts = data.counts()
+    tables = []
+    for group in category_groups(data.layout):
+        specs = [data.layout[i] for i in group]
+        weights = [attribute_weights.get(f"{s.category}/{s.attribute}", attribute_weights.get(s.attribute, 1.0))
+                   for s in specs]
+        tables.append(category_loss_table(cfg, values_mask(data.layout, group), [counts[i] for i in group], weights))
+    return tables
+
+
+def heads_loss(outputs: list, targets: torch.Tensor, tables: list[CategoryLoss], cfg: LossCfg,
+               progress: float) -> torch.Tensor:
+    """Mean over every known label of the batch, each weighted by its class and attribute weights."""
+    total, n = None, 0
+    for c, rows, logits in outputs:
+        loss_sum, k = category_loss(logits, targets[rows, : logits.shape[1]], tables[c], cfg, progress)
+        total = loss_sum if total is None else total + loss_sum
+        n += k
+    return total / max(n, 1)
 
 
 class HeadsTrainer(Trainer):
@@ -28,9 +51,7 @@ class HeadsTrainer(Trainer):
         h = recipe.heads
         self.loss_cfg = LossCfg(kind=h.loss, label_smoothing=h.label_smoothing, beta=h.beta, gamma=h.gamma,
                                 max_margin=h.ldam_max_margin, scale=h.ldam_scale, drw_start=h.drw_start)
-        self.counts = data.counts()
-        self.attr_weights = [h.attribute_weights.get(f"{s.category}/{s.attribute}", h.attribute_weights.get(
-            s.attribute, 1.0)) for s in data.layout]
+        self.loss_tables = heads_loss_tables(self.loss_cfg, data, h.attribute_weights)
         self.sampler_kind, self.data = h.sampler, data
 
     def _get_train_sampler(self, train_dataset=None):
@@ -41,14 +62,7 @@ class HeadsTrainer(Trainer):
         targets = inputs.pop("targets")
         outputs = model(**inputs)
         progress = self.state.global_step / max(self.state.max_steps, 1)
-        total, n = None, 0
-        for i, rows, logits in outputs:
-            loss_sum, k = head_loss(logits, targets[rows, self.data.layout[i].slot], self.loss_cfg,
-                                    self.counts[i], progress)
-            term = loss_sum * self.attr_weights[i]
-            total = term if total is None else total + term
-            n += k
-        loss = total / max(n, 1)
+        loss = heads_loss(outputs, targets, self.loss_tables, self.loss_cfg, progress)
         if model.training and not torch.isfinite(loss.detach()):
             fix = ("fp16 overflowed: use precision=bf16 or fp32, or a lower train.lr" if self.precision == "fp16"
                    else "lower train.lr (or heads.backbone_lr) or check the data")
@@ -82,7 +96,10 @@ def heads_optimizer(model: Classifier, recipe: Recipe) -> torch.optim.Optimizer:
         backbone = [p for p in model.encoder.parameters() if p.requires_grad]
         if backbone:
             groups.append({"params": backbone, "lr": recipe.heads.backbone_lr or recipe.train.lr / 10})
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    # fused: one kernel for every parameter instead of ~10 ops each; on the CPU that measured the
+    # optimizer step 4x faster for the 20-odd head tensors (it supports CPU and CUDA alike)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay,
+                             fused=not torch.backends.mps.is_available())
 
 
 def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, encoder: Any, processor: Any,

@@ -16,7 +16,7 @@ import torch
 from vlmtax.backbone import load_encoder, load_image_processor, process_images
 from vlmtax.classify import BACKBONE_WEIGHTS, CLASSIFIER_FILE, HEADS_WEIGHTS, KNN_BANK
 from vlmtax.errors import VlmtaxError
-from vlmtax.heads import Heads, HeadSpec, head_probabilities, layout_matches
+from vlmtax.heads import Heads, HeadSpec, head_probabilities, layout_matches, load_heads_state
 from vlmtax.loading import run_roots
 from vlmtax.taxonomy import Category, Taxonomy
 
@@ -60,7 +60,7 @@ class HeadsPredictor:
             self.bank, self.heads = load_file(str(root / KNN_BANK)), None
         else:
             self.heads = Heads(self.layout, spec["dim"], spec["kind"], spec["width"], spec["dropout"], spec["trunk"])
-            self.heads.load_state_dict(load_file(str(root / HEADS_WEIGHTS)))
+            load_heads_state(self.heads, load_file(str(root / HEADS_WEIGHTS)))
             self.heads.to(self.device).eval()
 
     @torch.no_grad()

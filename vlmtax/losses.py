@@ -75,3 +75,68 @@ def head_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LossCfg, counts:
     if weights is not None:
         ce = ce * weights.to(ce.device)[t]
     return ce.sum(), n
+
+
+@dataclass
+class CategoryLoss:
+    """One category's heads for `category_loss`: tables over [attributes, padded values]."""
+
+    mask: torch.Tensor  # bool, True on real values
+    margins: torch.Tensor  # LDAM margins (zero on padding)
+    weights: torch.Tensor | None  # class-balanced weights once they are on (one on padding), else None
+    attribute_weights: torch.Tensor  # [attributes]
+    drw_start: float | None  # weights apply from this share of training on (LDAM); None: from the start
+
+    def to(self, device: torch.device) -> None:
+        """Moves the tables once, not on every step."""
+        self.mask, self.margins = self.mask.to(device), self.margins.to(device)
+        self.attribute_weights = self.attribute_weights.to(device)
+        self.weights = None if self.weights is None else self.weights.to(device)
+
+
+def category_loss_table(cfg: LossCfg, mask: torch.Tensor, counts: list[torch.Tensor],
+                        attribute_weights: list[float]) -> CategoryLoss:
+    """The per-head quantities of `head_loss` for one category, padded to its longest value list."""
+    def padded(rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+        out = torch.full(mask.shape, fill)
+        for a, r in enumerate(rows):
+            out[a, : len(r)] = r
+        return out
+
+    margins = padded([ldam_margins(n, cfg.max_margin) for n in counts], 0.0)
+    late = [class_weights(cfg, n, 1.0) for n in counts]
+    weights = None if late[0] is None else padded(late, 1.0)
+    drw = cfg.drw_start if cfg.kind == "ldam" else None
+    return CategoryLoss(mask, margins, weights, torch.tensor(attribute_weights, dtype=torch.float32), drw)
+
+
+def category_loss(logits: torch.Tensor, targets: torch.Tensor, table: CategoryLoss, cfg: LossCfg,
+                  progress: float = 0.0) -> tuple[torch.Tensor, int]:
+    """`head_loss` for every head of one category at once, each head's sum times its attribute weight.
+
+    logits [rows, attributes, padded values], targets [rows, attributes]: the same summed loss and
+    known-label count as calling `head_loss` per head, without a Python loop over heads.
+    """
+    known = targets != IGNORE
+    n = int(known.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    if table.mask.device != logits.device:
+        table.to(logits.device)
+    attr = known.nonzero(as_tuple=True)[1]
+    mask = table.mask[attr]
+    z, t = logits[known].float(), targets[known]
+    if cfg.kind == "ldam":
+        margin = table.margins[attr, t]
+        z = (z - torch.nn.functional.one_hot(t, z.shape[-1]) * margin[:, None]) * cfg.scale
+    logp = z.masked_fill(~mask, float("-inf")).log_softmax(-1)
+    nll = -logp.gather(1, t[:, None])[:, 0]
+    ce = nll
+    if cfg.label_smoothing:  # F.cross_entropy's smoothing, spread over the head's own values only
+        smooth = -logp.masked_fill(~mask, 0.0).sum(-1) / mask.sum(-1)
+        ce = (1.0 - cfg.label_smoothing) * nll + cfg.label_smoothing * smooth
+    if cfg.kind in ("focal", "cb_focal") and cfg.gamma:
+        ce = (1.0 - torch.exp(-nll)).pow(cfg.gamma) * ce
+    if table.weights is not None and (table.drw_start is None or progress >= table.drw_start):
+        ce = ce * table.weights[attr, t]
+    return (ce * table.attribute_weights[attr]).sum(), n

@@ -301,6 +301,11 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     return recipe.output_dir
 
 
+def train_runtime(log_history: list[dict]) -> float | None:
+    """Seconds the Trainer spent in its training loop (no model loading or feature extraction), or None."""
+    return next((h["train_runtime"] for h in reversed(log_history) if "train_runtime" in h), None)
+
+
 def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> None:
     out = recipe.output_dir
     trainer.save_model(str(out))
@@ -317,5 +322,6 @@ def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> No
         quantization=recipe.quantization, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=trainer.state.global_step, started_at_step=trainer.start_step.step,
         final_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        train_runtime_s=train_runtime(trainer.state.log_history),
         history=history, eval_metric=callback.summary() if (callback := getattr(trainer, "metric_callback", None))
         else None))
