@@ -272,8 +272,10 @@ def effect_problems(text: str, root: Path) -> list[str]:
     out = _option(args, "--out")
     if verb in ("synth", "tiny-model"):
         folder = root / args[0]
-        expect += [folder / n for n in (("train.csv", "test.csv", "category_attributes.parquet")
-                                        if verb == "synth" else ("config.json", "tokenizer.json"))]
+        vision_only = _option(args, "--family") in ("clip", "siglip")  # an image encoder: no tokenizer
+        expect += [folder / n for n in (("train.csv", "test.csv", "category_attributes.parquet") if verb == "synth"
+                                        else ("config.json", "preprocessor_config.json") if vision_only
+                                        else ("config.json", "tokenizer.json"))]
     elif verb == "prepare":
         expect += [root / out / n for n in PREPARE_FILES]
         meta_path = root / out / "prepare_meta.json"
