@@ -11,8 +11,9 @@ from transformers import AutoProcessor
 
 from vlmtax.answer import answer_segments
 from vlmtax.chat import TokenCounter
-from vlmtax.collator import IGNORE, Collator, load_image, record_lengths
+from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError
+from vlmtax.records import load_image
 from vlmtax.taxonomy import Taxonomy
 
 

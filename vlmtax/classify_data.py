@@ -69,7 +69,7 @@ def _split(records: list[dict[str, Any]], taxonomy: Taxonomy, categories: list[s
 
 
 def load_classify_data(data_dir: Path) -> ClassifyData:
-    from vlmtax.collator import load_records
+    from vlmtax.records import load_records
 
     if not (data_dir / "taxonomy.json").is_file():
         raise VlmtaxError(f"data dir {data_dir} has no taxonomy.json: a classify recipe needs the head layout it holds",
@@ -125,7 +125,7 @@ class Collate:
         self.n_train = len(data.train.images)
 
     def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        from vlmtax.collator import load_image
+        from vlmtax.records import load_image
 
         idx = torch.tensor(rows)
         batch = {"category": self.categories[idx], "targets": self.labels[idx]}

@@ -16,9 +16,7 @@ from PIL import Image
 from vlmtax.answer import answer_segments
 from vlmtax.chat import SequenceBuilder, TokenCounter
 from vlmtax.errors import VlmtaxError
-
-# load_image and load_records stay importable from here: classify_data.py and features.py import them so.
-from vlmtax.records import load_image, load_records, record_prompt_answer, record_values  # noqa: F401
+from vlmtax.records import load_image, record_prompt_answer, record_values
 from vlmtax.taxonomy import Taxonomy
 
 IGNORE = -100

@@ -74,7 +74,7 @@ class FeatureCache:
 def extract(encoder: Encoder, processor: Any, paths: list[str], batch_size: int,
             desc: str = "features") -> torch.Tensor:
     """Pooled features of `paths`, in order, in fp32 on the CPU."""
-    from vlmtax.collator import load_image
+    from vlmtax.records import load_image
 
     device = next(encoder.parameters()).device
     was = encoder.training
