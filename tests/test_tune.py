@@ -89,6 +89,62 @@ def test_grid_search_finds_the_known_best_weights(tmp_path):
     assert dec["scores"]["single"][0] < 1 and dec["scores"]["single"][1] < 1
 
 
+
+def _noisy_pair(tmp_path: Path, n: int = 240):
+    """Model A is right on 80% of the rows, model B is uniform noise: no mix of the two beats A."""
+    rng = np.random.default_rng(5)
+    truth = rng.choice(COLOURS, n).tolist()
+    a = []
+    for lab in truth:
+        k = COLOURS.index(lab) if rng.random() < 0.8 else int(rng.integers(0, 3))
+        p = np.full(3, 0.15)
+        p[k] = 0.7
+        a.append(p.tolist())
+    b = rng.dirichlet([1, 1, 1], n).tolist()
+    return truth, _probs(tmp_path / "a.jsonl", a), _probs(tmp_path / "b.jsonl", b)
+
+
+def test_the_best_single_model_is_chosen_when_no_ensemble_beats_it_out_of_sample(tmp_path):
+    tax = _taxonomy(tmp_path, {"red": 5, "blue": 5, "green": 5})
+    truth, a, b = _noisy_pair(tmp_path)
+    truth_csv = _truth(tmp_path / "t.csv", truth)
+    dec = tune([b, a], truth_csv, tmp_path / "d.json", tax, Settings(folds=3, bootstrap=50, taus=(0.0,)))
+    choice = dec["scores"]["choice"]
+    assert choice["rule"] == "model 2 alone"
+    assert choice["cv_single"][1] >= choice["cv_ensemble"] and choice["cv_single"][1] > choice["cv_single"][0]
+    assert dec["weights"] == [0.0, 1.0] and all(r["weights"] == [0.0, 1.0] for r in dec["attributes"])
+    assert dec["scores"]["tuned"] == pytest.approx(dec["scores"]["single"][1])
+    # Applied to the same files, the decision writes model A's own argmax submission.
+    ensemble([b, a], tmp_path / "chosen.csv", decision=tmp_path / "d.json")
+    ensemble([a], tmp_path / "a.csv", weights="1", taxonomy=tax)
+    assert (tmp_path / "chosen.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+    # --no-select keeps the tuned ensemble whatever the estimate says.
+    forced = tune([b, a], truth_csv, tmp_path / "e.json", tax, Settings(folds=3, bootstrap=50, taus=(0.0,),
+                                                                         select=False))
+    assert forced["scores"]["choice"]["rule"] == "ensemble" and forced["scores"]["choice"]["cv_single"] is None
+
+
+def test_the_ensemble_is_kept_when_it_beats_every_single_model_out_of_sample(tmp_path):
+    """Two models each right on a different half of the rows (as in the grid-search test), many rows."""
+    tax = _taxonomy(tmp_path, {"red": 5, "blue": 5, "green": 5})
+    rng = np.random.default_rng(2)
+    truth = rng.choice(COLOURS, 200).tolist()
+    a, b = [], []
+    for i, lab in enumerate(truth):
+        k, wrong = COLOURS.index(lab), (COLOURS.index(lab) + 1) % 3
+        pa, pb = np.full(3, 0.05), np.full(3, 0.05)
+        if i % 2:
+            pa[k], pb[wrong], pb[k] = 0.9, 0.5, 0.45
+        else:
+            pa[wrong], pa[k], pb[k] = 0.6, 0.35, 0.9
+        a.append((pa / pa.sum()).tolist())
+        b.append((pb / pb.sum()).tolist())
+    dec = tune([_probs(tmp_path / "a.jsonl", a), _probs(tmp_path / "b.jsonl", b)], _truth(tmp_path / "t.csv", truth),
+               tmp_path / "d.json", tax, Settings(folds=3, bootstrap=50, taus=(0.0,), temperature=False))
+    choice = dec["scores"]["choice"]
+    assert choice["rule"] == "ensemble" and choice["cv_ensemble"] > max(choice["cv_single"])
+    assert dec["scores"]["tuned"] == pytest.approx(1.0)
+
 def _skewed(tmp_path: Path, n: int = 300, seed: int = 0):
     """A model that over-predicts the frequent value: true rare values get a probability just below it."""
     rng = np.random.default_rng(seed)

@@ -217,6 +217,8 @@ def tune(
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-sample estimate (0: none).")] = 5,
     bootstrap: Annotated[int, typer.Option(help="Resamples for the tau noise rule.")] = 200,
     min_share: Annotated[float, typer.Option(help="Keep tau > 0 only if it wins this share of resamples.")] = 0.9,
+    select: Annotated[bool, typer.Option(help="Use the best single model when the tuned ensemble does not beat it "
+                                         "by k-fold estimate (--no-select: always the ensemble).")] = True,
     seed: int = 0,
 ) -> None:
     """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
@@ -229,7 +231,7 @@ def tune(
         raise VlmtaxError(f"--taus {taus!r} is not a comma-separated list of numbers", "e.g. --taus 0,0.5,1") from None
     run(probs, truth=truth, out=out, taxonomy=taxonomy, settings=Settings(
         weights_by=weights_by, weight_step=weight_step, taus=tau_list, temperature=temperature, folds=folds,
-        bootstrap=bootstrap, min_share=min_share, seed=seed))
+        bootstrap=bootstrap, min_share=min_share, seed=seed, select=select))
 
 
 @app.command()

@@ -91,7 +91,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     )
     if classify:
         console.print(f"  classify    {work / 'run-heads'}, {work / 'submission-heads.csv'}\n"
-                      f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv)")
+                      f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv; tune chose "
+                      f"{report['ensemble']['rule']} by its k-fold estimate on validation)")
         console.print(side_by_side(report, report["classify"], report["ensemble"]))
     return report
 
@@ -114,10 +115,15 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
                     batch_size=batch)
     console.rule("[ensemble] tune on validation, ensemble on test")
     (work / "ensemble").mkdir(exist_ok=True)
-    tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
-                      work / "ensemble", console=console)
-    return score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
-                 taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console)
+    tuned = tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
+                              work / "ensemble", console=console)
+    report = score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
+                   taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console)
+    rule = tuned["val"]["choice"]["rule"]  # "ensemble" or "model K alone", K in the runs' order
+    for k, name in enumerate(runs, 1):
+        rule = rule.replace(f"model {k} alone", f"the {name} route alone")
+    report["rule"] = rule
+    return report
 
 
 def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[str, Any]:

@@ -6,7 +6,9 @@ attribute) and a prior correction `argmax_v p(v|x) / prior(v)^tau` per attribute
 official metric. A tau above 0 is kept only when a paired bootstrap of the validation rows shows its
 gain over tau = 0 in at least `min_share` of the resamples (default 90%); otherwise argmax stays.
 A k-fold estimate (the whole choice refitted without each fold, scored on it) is reported next to the
-in-sample score, so the user sees how much of the gain is overfit.
+in-sample score, so the user sees how much of the gain is overfit. With two or more models, the same folds
+also estimate each model alone (its temperature, tau by the same noise rule); when no ensemble beats the
+best of them out of sample, that model alone is the decision (`select`, on by default).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Settings:
     bootstrap: int = 200
     min_share: float = 0.9
     seed: int = 0
+    select: bool = True  # fall back to the best single model when the ensemble does not beat it out of sample
 
 
 @dataclass
@@ -112,15 +115,16 @@ def attr_data(files: list[ProbsFile], truth, taxonomy: Taxonomy) -> list[AttrDat
     return out
 
 
-def fit(attrs: list[AttrData], n_models: int, s: Settings, subsets: list[np.ndarray] | None = None) -> Fit:
-    """The decision on the given row subsets (None: all rows)."""
+def fit(attrs: list[AttrData], n_models: int, s: Settings, subsets: list[np.ndarray] | None = None,
+        grid: np.ndarray | None = None) -> Fit:
+    """The decision on the given row subsets (None: all rows), weights from `grid` (default: the simplex)."""
     sub = subsets or [None] * len(attrs)
     temps = np.ones(n_models)
     if s.temperature:
         temps = np.array([fit_temperature([(a.probs[m] if r is None else a.probs[m][r],
                                             a.truth if r is None else a.truth[r]) for a, r in zip(attrs, sub)])
                           for m in range(n_models)])
-    grid = simplex_grid(n_models, s.weight_step)
+    grid = simplex_grid(n_models, s.weight_step) if grid is None else grid
     tables = [score_table(a, grid, list(s.taus), temps, r) for a, r in zip(attrs, sub)]
     if s.weights_by == "global":
         g = int(np.argmax(sum(a.weight * t.max(axis=1) for a, t in zip(attrs, tables))))
@@ -147,7 +151,7 @@ def predict_rows(a: AttrData, f: Fit, k: int, rows: np.ndarray | None = None) ->
     return decide(combine(probs, f.weights[k], f.temperatures), a.prior, f.taus[k])
 
 
-def cross_validate(attrs: list[AttrData], n_models: int, s: Settings) -> list[float]:
+def cross_validate(attrs: list[AttrData], n_models: int, s: Settings, grid: np.ndarray | None = None) -> list[float]:
     """Out-of-fold attribute scores: each fold predicted by the decision fitted on the other folds."""
     rng = np.random.default_rng(s.seed)
     every = np.unique(np.concatenate([a.rows for a in attrs]))
@@ -155,11 +159,36 @@ def cross_validate(attrs: list[AttrData], n_models: int, s: Settings) -> list[fl
     folds = [np.array([fold_of[int(p)] for p in a.rows], dtype=int) for a in attrs]
     oof = [np.zeros(len(a.truth), dtype=int) for a in attrs]
     for k in range(s.folds):
-        f = fit(attrs, n_models, s, [np.flatnonzero(fo != k) for fo in folds])
+        f = fit(attrs, n_models, s, [np.flatnonzero(fo != k) for fo in folds], grid)
         for i, (a, fo) in enumerate(zip(attrs, folds)):
             held = np.flatnonzero(fo == k)
             oof[i][held] = predict_rows(a, f, i, held)
     return [score_attr(a, p) for a, p in zip(attrs, oof)]
+
+
+def weighted(attrs: list[AttrData], scores: list[float]) -> float:
+    """Attribute scores -> the metric's final (categories equal, attributes equal within a category)."""
+    return float(sum(a.weight * c for a, c in zip(attrs, scores)))
+
+
+def choose(attrs: list[AttrData], n: int, s: Settings) -> tuple[Fit, list, dict[str, Any]]:
+    """The tuned ensemble, or the best single model when it is at least as good out of sample.
+
+    Returns the chosen fit, its per-attribute k-fold scores and what was compared."""
+    f = fit(attrs, n, s)
+    if s.folds < 2:
+        return f, [None] * len(attrs), {"rule": "ensemble", "cv_ensemble": None, "cv_single": None}
+    cv = cross_validate(attrs, n, s)
+    report: dict[str, Any] = {"rule": "ensemble", "cv_ensemble": weighted(attrs, cv), "cv_single": None}
+    if n < 2 or not s.select:
+        return f, cv, report
+    alone = [cross_validate(attrs, n, s, np.eye(n)[[m]]) for m in range(n)]
+    report["cv_single"] = [weighted(attrs, c) for c in alone]
+    best = int(np.argmax(report["cv_single"]))
+    if report["cv_single"][best] >= report["cv_ensemble"]:
+        report["rule"] = f"model {best + 1} alone"
+        return fit(attrs, n, s, grid=np.eye(n)[[best]]), alone[best], report
+    return f, cv, report
 
 
 def official(files, tax, truth, rule: Rule) -> float:
@@ -192,8 +221,7 @@ def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: 
     truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
     attrs = attr_data(files, truth_df, tax)
     n = len(files)
-    f = fit(attrs, n, s)
-    cv = cross_validate(attrs, n, s) if s.folds > 1 else [None] * len(attrs)
+    f, cv, chosen = choose(attrs, n, s)
     even = np.full(n, 1 / n)
     rows = []
     for k, a in enumerate(attrs):
@@ -206,8 +234,9 @@ def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: 
                 {(a.category, a.name): (f.weights[k], f.taus[k]) for k, a in enumerate(attrs)})
     scores = {"argmax": official(files, tax, truth_df, Rule(even, np.ones(n))),
               "tuned": official(files, tax, truth_df, rule),
-              "cv_tuned": None if s.folds < 2 else float(sum(a.weight * c for a, c in zip(attrs, cv))),
-              "single": [official(files, tax, truth_df, Rule(np.eye(n)[m], np.ones(n))) for m in range(n)]}
+              "cv_tuned": None if s.folds < 2 else weighted(attrs, cv),
+              "single": [official(files, tax, truth_df, Rule(np.eye(n)[m], np.ones(n))) for m in range(n)],
+              "choice": chosen}
     decision = {
         "kind": DECISION_KIND, "vlmtax_version": vlmtax.__version__,
         "models": [{"probs": str(p.path), "sha256": p.sha256, "temperature": float(t)}
@@ -258,6 +287,10 @@ def print_table(decision: dict[str, Any], console: Console) -> None:
                   f"cv {_f(sc['cv_tuned'])}[/]; single models {singles}; temperatures "
                   + ", ".join(f"{m['temperature']:.3f}" for m in decision["models"])
                   + f"; ECE {e['before']:.4f} -> {e['after']:.4f}")
+    ch = sc.get("choice") or {}
+    if ch.get("cv_single"):
+        console.print(f"[bold]decision: {ch['rule']}[/] (k-fold: tuned ensemble {ch['cv_ensemble']:.4f}, "
+                      + ", ".join(f"model {m + 1} alone {x:.4f}" for m, x in enumerate(ch["cv_single"])) + ")")
 
 
 def tune_and_ensemble(val_probs: list[str | Path], test_probs: list[str | Path], val_truth: str | Path,
