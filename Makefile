@@ -23,11 +23,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/vlmtax demo --workdir demo_work
 
+# One pytest worker per core, whole test files per worker (session fixtures and the docs walk-through
+# stay in one process); the demo and its blank-image control are two files, so they run side by side.
+PYTEST_PARALLEL ?= -n auto --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 bench: setup
 	$(PY) bench/prepare.py

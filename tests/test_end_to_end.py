@@ -1,27 +1,26 @@
-"""The end-to-end bar: the demo pipeline's model beats the constant baseline on what the images show.
+"""The end-to-end bar: the demo pipeline's models beat the constant baseline on what the images show.
 
-The demo (synth -> tiny-model -> prepare -> sft -> merge -> predict -> score) runs as a user runs it:
-4,000 synthetic rows (3,600 train, 400 val), 500 test rows, recipes/tiny_cpu.yaml. On the attributes
-the synthetic images really draw (colour, pattern, sleeve length, garment length), the fine-tuned
-model must beat the constant baseline (each attribute's most common training value) by a clear
-margin. The thresholds are checked for honesty: the same pipeline trained and evaluated on the same
-catalogue with every image replaced by a blank one must fall short of them.
+The demo (synth -> tiny-model -> prepare -> sft -> merge -> predict -> score for the generate route, then
+the classify route and tune/ensemble) runs as a user runs it: 4,000 synthetic rows (3,600 train, 400
+val), 500 test rows, recipes/tiny_cpu.yaml and recipes/tiny_heads_cpu.yaml. On the attributes the
+synthetic images really draw (colour, pattern, sleeve length, garment length), the fine-tuned models
+must beat the constant baseline (each attribute's most common training value) by a clear margin. The
+thresholds are checked for honesty in tests/test_end_to_end_blank.py: the same pipeline trained and
+evaluated on the same catalogue with every image blank must fall short of them. The two files are
+separate so that `make test` (one pytest worker per core, whole files per worker) runs the two demos
+side by side.
 
 Measured on the 2-core development machine (gain = model score - baseline score, metric points):
-final 0.564 vs baseline 0.393; mean visible gain +0.353 over the 17 (category, attribute) pairs;
-colour +0.87 (all five categories), garment length +0.50 (all three), pattern +0.03, sleeve length
-+0.00. The blank-image run learns the label priors only. The two demos take about 8 minutes together
-for the generate route; the demo now also runs the classify route on the same data (recipes/
-tiny_heads_cpu.yaml, about 3 more minutes each), checked by the classify tests below.
+generate final 0.564 vs baseline 0.393; mean visible gain +0.353 over the 17 (category, attribute)
+pairs; colour +0.87 (all five categories), garment length +0.50 (all three), pattern +0.03, sleeve
+length +0.00. The classify route's figures are beside its thresholds below.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from vlmtax.demo import demo
 
@@ -59,20 +58,6 @@ def test_demo_model_beats_the_constant_baseline_on_visible_attributes(demo_repor
     assert report["final"] > report["baseline"]["final"] + 0.05
     for artefact in ("submission.csv", "probs.jsonl", "score.json", "score.png", "run/model.safetensors"):
         assert (work / artefact).exists(), artefact
-
-
-@pytest.fixture(scope="module")
-def blind_report(demo_report, tmp_path_factory) -> dict:
-    """Same catalogue, labels and training as the demo, every image blank."""
-    _, work = demo_report
-    blind = tmp_path_factory.mktemp("blind") / "blind"
-    shutil.copytree(work / "catalogue", blind / "catalogue")
-    for folder in ("train_images", "test_images"):
-        for path in (blind / "catalogue" / folder).iterdir():
-            with Image.open(path) as img:
-                size = img.size
-            Image.new("RGB", size, (200, 200, 200)).save(path)
-    return demo(blind)
 
 
 def per_attribute_gain(report: dict) -> dict[str, float]:
@@ -122,22 +107,3 @@ def test_the_tuned_ensemble_is_no_worse_than_the_better_route(demo_report):
           f"ensemble {report['ensemble']['final']:.4f}")
     assert report["ensemble"]["final"] >= best - ENSEMBLE_SLACK
     assert (work / "ensemble" / "decision.json").exists() and (work / "ensemble" / "ensemble.csv").exists()
-
-@pytest.mark.slow
-def test_the_classify_threshold_fails_a_model_that_cannot_see(blind_report):
-    heads = blind_report["classify"]
-    gains = per_attribute_gain(heads)
-    print("classify route, blank images:", {k: round(v, 3) for k, v in gains.items()})
-    assert gains["color"] < HEADS_COLOUR_MARGIN
-    assert heads["final"] < heads["baseline"]["final"] + HEADS_FINAL_MARGIN
-
-
-@pytest.mark.slow
-def test_the_threshold_fails_a_model_that_cannot_see(blind_report):
-    """Same catalogue, labels and training, every image blank: the bar must not be met."""
-    report = blind_report
-    gain, gains = visible_gain(report)
-    print(f"blank-image gain over baseline: {gain:.3f}", {k: round(v, 3) for k, v in gains.items()})
-    assert gain < MARGIN
-    assert visible_gain(report, ("color",))[0] < COLOUR_MARGIN
-    assert visible_gain(report, ("length",))[0] < LENGTH_MARGIN

@@ -31,16 +31,23 @@ def _recipe_path(name: str = "tiny_cpu.yaml") -> Path:
     return checkout if checkout.is_file() else Path(str(files("vlmtax.recipes").joinpath(name)))
 
 
+def demo_catalogue(cat: str | Path, rows: int = 4000, test_rows: int = 500) -> Path:
+    """The demo's synthetic catalogue (seed 0, 112 px images) in `cat`: what the demo's first stage writes."""
+    from vlmtax.synth import synth
+
+    return synth(cat, rows=rows, test_rows=test_rows, seed=0, image_size=112)
+
+
 def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500,
-         classify: bool = True) -> dict[str, Any]:
+         classify: bool = True, ensemble: bool = True) -> dict[str, Any]:
     """Run the whole pipeline in `workdir`; returns the generate route's score report, with the classify
-    route's under "classify" (`classify=False` runs the generate route only)."""
+    route's under "classify" and the tuned ensemble's under "ensemble" (`classify=False` runs the generate
+    route only, `ensemble=False` both routes without tune/ensemble)."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
     from vlmtax.prepare import prepare
     from vlmtax.score import score
     from vlmtax.sft import sft
-    from vlmtax.synth import synth
     from vlmtax.tiny_model import build_tiny_model
 
     work = Path(workdir).resolve()
@@ -55,7 +62,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         _run_stage(console, f"{n}/7", name, done, fn, f" ({done.relative_to(work)})")
 
     stage(1, "synth: synthetic catalogue", cat / "train.csv",
-          lambda: synth(cat, rows=rows, test_rows=test_rows, seed=0, image_size=112))
+          lambda: demo_catalogue(cat, rows, test_rows))
     stage(2, "tiny-model: random tiny Qwen2-VL", model / "vlmtax_tiny.json", lambda: build_tiny_model(model, seed=0))
     stage(3, "prepare: training records", data / "prepare_meta.json",
           lambda: prepare(csv=cat / "train.csv", images=cat / "train_images",
@@ -79,7 +86,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
                    json_out=work / "score.json", plot=work / "score.png", console=console)
     if classify:
         report["classify"] = classify_route(work, cat, data, console)
-        report["ensemble"] = ensemble_route(work, cat, data, model_for_predict, console)
+        if ensemble:
+            report["ensemble"] = ensemble_route(work, cat, data, model_for_predict, console)
     elapsed = time.perf_counter() - started
     console.print(
         f"\nfinal score {report['final']:.4f} vs constant baseline {report['baseline']['final']:.4f} "
@@ -90,10 +98,11 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         f"  score       {work / 'score.json'}, {work / 'score.png'}"
     )
     if classify:
-        console.print(f"  classify    {work / 'run-heads'}, {work / 'submission-heads.csv'}\n"
-                      f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv; tune chose "
-                      f"{report['ensemble']['rule']} by its k-fold estimate on validation)")
-        console.print(side_by_side(report, report["classify"], report["ensemble"]))
+        console.print(f"  classify    {work / 'run-heads'}, {work / 'submission-heads.csv'}")
+        if ensemble:
+            console.print(f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv; tune chose "
+                          f"{report['ensemble']['rule']} by its k-fold estimate on validation)")
+        console.print(side_by_side(report, report["classify"], report.get("ensemble")))
     return report
 
 
