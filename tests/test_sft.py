@@ -84,8 +84,11 @@ def test_full_finetuning_saves_weights(tiny_model_dir, prepared_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
 
-def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, prepared_dir, tmp_path):
-    common = ["finetuning=lora", "train.max_steps=4", "train.save_steps=2", "train.eval=false",
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, prepared_dir, tmp_path, finetuning):
+    """Also for full fine-tuning: Qwen2-VL's checkpoints use the legacy key names that transformers' resume
+    loads non-strictly, so a resume that dropped the weights would train on from the base model."""
+    common = [f"finetuning={finetuning}", "train.max_steps=4", "train.save_steps=2", "train.eval=false",
               "train.save_total_limit=3",
               "lora.dropout=0.0", "log.every=1"]
     straight = sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "a", *common))
@@ -101,8 +104,8 @@ def test_resume_continues_at_the_saved_step_with_the_same_state(tiny_model_dir, 
     assert meta["global_step"] == 4
     assert meta["started_at_step"] == 2
     assert [h["step"] for h in meta["history"] if "loss" in h] == [1, 2, 3, 4]  # history restored, then continued
-    a = load_file(straight / "adapter_model.safetensors")
-    b = load_file(resumed / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if finetuning == "lora" else "model.safetensors"
+    a, b = load_file(straight / weights), load_file(resumed / weights)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -167,23 +167,15 @@ def print_table(summary: dict[str, Any], last: dict[str, Any]) -> None:
 
 
 class BestWeights(TrainerCallback):
-    """Puts the best checkpoint's weights into a fully fine-tuned model at the end of training.
-
-    The Trainer's own load_best_model_at_end reads the checkpoint's state dict into the model as is, but
-    transformers 5 saves Qwen2-VL under its legacy key names (model.layers.* for model.language_model.*),
-    so no key matches and the last step's weights silently stay. from_pretrained converts the names.
+    """Puts the best checkpoint's weights into a fully fine-tuned model at the end of training (the
+    Trainer's load_best_model_at_end silently keeps the last weights: see loading.restore_full_weights).
     PEFT adapters load through load_adapter, which is unaffected."""
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        best = state.best_model_checkpoint
-        if best is None or model is None or hasattr(model, "peft_config"):
-            return
-        if not any((Path(best) / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
-            return
-        param = next(model.parameters())
-        loaded = type(model).from_pretrained(best, dtype=param.dtype)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
+        from vlmtax.loading import restore_full_weights
+
+        if state.best_model_checkpoint is not None and model is not None:
+            restore_full_weights(model, state.best_model_checkpoint)
 
 
 def attach(trainer: Any, recipe: Any, processor: Any, taxonomy: Taxonomy, val_records: list[dict[str, Any]],

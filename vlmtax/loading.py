@@ -229,6 +229,24 @@ def fold_adapter(peft_model: Any) -> Any:
     return model.eval()
 
 
+def restore_full_weights(model: Any, checkpoint: str | Path) -> bool:
+    """Copy a full fine-tuning checkpoint's weights into `model` in place (so an optimizer built on its
+    parameters stays valid); False where the checkpoint holds no full weights (a LoRA adapter).
+
+    The Trainer's own loaders (resume_from_checkpoint, load_best_model_at_end) read the checkpoint's state
+    dict into the model as is and non-strictly, but transformers 5 saves Qwen2-VL under its legacy key names
+    (model.layers.* for model.language_model.*): no key matches and the weights silently stay as they
+    were. from_pretrained converts the names."""
+    folder = Path(checkpoint)
+    if hasattr(model, "peft_config") or not any(
+            (folder / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    return True
+
+
 def load_processor(path: str | Path, fallback: str | None = None, padding_side: str | None = "left",
                    trust_remote_code: bool = False) -> Any:
     """The processor saved with the model (the run's image budget included); left padding for batched decoding

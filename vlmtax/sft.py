@@ -20,7 +20,7 @@ import torch
 
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.fileio import check_writable, guard_outputs, write_json
-from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights
+from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
@@ -295,6 +295,8 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     set_seed(recipe.train.seed)  # LoRA initialisation draws from the global RNG: same seed, same run
     model, processor = load_model(recipe, precision)
     model = prepare_model(model, recipe, precision)
+    if resume_from is not None:  # the Trainer's resume would leave a full fine-tune's weights at the base model's
+        restore_full_weights(model, resume_from)
     trainer = build_trainer(recipe, model, processor, precision)
     trainer.train(resume_from_checkpoint=resume_from)
     save_run(trainer, recipe, processor, precision)
