@@ -162,3 +162,29 @@ def test_tiny_vision_cli(family, tmp_path):
     model = AutoModel.from_pretrained(tmp_path / family)
     assert model.config.model_type == f"{family}_vision_model"
     assert AutoImageProcessor.from_pretrained(tmp_path / family).size
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepared_dir, synth_dir, tmp_path):
+    """train.eval_metric on a classify run: the logged score is `vlmtax score` of the step's predictions, the
+    best step's weights end the run, and `vlmtax predict` on the finished run writes the best step's table."""
+    from test_evaluation import _quiet
+
+    from vlmtax.score import score
+
+    out = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, f"heads.mode={mode}", "train.max_steps=6",
+               "train.save_steps=2", "train.eval_metric=true", "train.best_by=score", "train.lr=0.05")
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    state = json.loads(sorted(out.glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "eval_score" in h]
+    assert [h["step"] for h in logged] == [2, 4, 6]
+    for h in logged:
+        report = score(out / "eval" / "truth.csv", out / "eval" / f"predictions-step{h['step']}.csv",
+                       taxonomy=out / "taxonomy.json", console=_quiet())
+        assert h["eval_score"] == pytest.approx(report["final"], abs=1e-12)
+    best = max(logged, key=lambda h: h["eval_score"])
+    assert meta["eval_metric"]["best_step"] == best["step"]
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    again = tmp_path / "again.csv"
+    predict(model=out, csv=out / "eval" / "truth.csv", images=synth_dir / "train_images", out=again, batch_size=8)
+    assert again.read_text() == (out / "eval" / f"predictions-step{best['step']}.csv").read_text()

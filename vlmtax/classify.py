@@ -118,7 +118,8 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
         save_classify_run(recipe, processor, dim, precision, trainer.accelerator.unwrap_model(trainer.model),
                           step=trainer.state.global_step, history=history, start=trainer.start_step.step,
                           cached=getattr(trainer, "features_extracted", None),
-                          runtime=train_runtime(trainer.state.log_history))
+                          runtime=train_runtime(trainer.state.log_history),
+                          eval_metric=trainer.metric_callback.summary() if trainer.metric_callback else None)
     return recipe.output_dir
 
 
@@ -134,7 +135,8 @@ def classifier_spec(recipe: Recipe, dim: int, layout: list) -> dict[str, Any]:
 
 def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, model: Classifier,
                       step: int, history: list, start: int | None = 0, knn_bank: dict | None = None,
-                      cached: int | None = None, runtime: float | None = None) -> None:
+                      cached: int | None = None, runtime: float | None = None,
+                      eval_metric: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     out = recipe.output_dir
@@ -165,4 +167,5 @@ def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, 
         heads_kind=recipe.heads.kind, precision=precision, trust_remote_code=recipe.trust_remote_code,
         quantization=None, data=str(recipe.data.resolve()), data_sha256=files_hash(data_files),
         global_step=step, started_at_step=start, features_extracted=cached, train_runtime_s=runtime,
+        eval_metric=eval_metric,
         final_loss=next((x["loss"] for x in reversed(history) if "loss" in x), None), history=history))

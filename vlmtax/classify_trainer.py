@@ -2,7 +2,8 @@
 losses and samplers, separate backbone/head learning rates and the same non-finite-loss guard as sft.
 
 Resume, checkpoints, logging, evaluation loss and multi-process runs (`accelerate launch`, as for the
-generate route) are the Trainer's own.
+generate route) are the Trainer's own; `train.eval_metric` / `best_by` / `patience` plug the heads forward
+into vlmtax.evaluation as the generate route plugs in its constrained decoder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
 from vlmtax.errors import VlmtaxError
+from vlmtax.evaluation import eval_args
 from vlmtax.heads import Classifier, category_groups, values_mask
 from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_table
 from vlmtax.recipe import Recipe
@@ -80,7 +82,7 @@ def heads_args(recipe: Recipe, precision: str, has_eval: bool) -> TrainingArgume
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=recipe.log.every,
         report_to=["tensorboard"] if recipe.log.tensorboard else "none",
-        eval_strategy="epoch" if has_eval and t.eval else "no", save_total_limit=t.save_total_limit,
+        save_total_limit=t.save_total_limit, **eval_args(recipe, has_eval),
         dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False, prediction_loss_only=True, label_names=["targets"],
         # frozen mode trains heads only; the backbone's unused pooler would stall DDP otherwise
@@ -121,6 +123,15 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
                            train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,
                            optimizers=(heads_optimizer(model, recipe), None))
     trainer.setup(recipe, data)
+    trainer.metric_callback = None
+    if recipe.train.eval_metric or recipe.train.best_by:
+        from vlmtax.evaluation import attach
+        from vlmtax.heads_predict import heads_route
+        from vlmtax.records import load_records
+
+        val_records = load_records(recipe.data, "val.json") if n_val else []
+        route = heads_route(collate, [str(r.get("id")) for r in val_records], n_train, recipe.train.batch_size)
+        trainer.metric_callback = attach(trainer, recipe, processor, data.taxonomy, val_records, route)
     trainer.precision = precision
     trainer.features_extracted = extracted
     trainer.start_step = StartStep()

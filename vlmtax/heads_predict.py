@@ -79,9 +79,40 @@ class HeadsPredictor:
 
     def decode(self, images: list, categories: list[Category]) -> list[HeadsResult]:
         """The most probable allowed value per attribute (ties: the taxonomy's order, most frequent first)."""
-        out = []
-        for probs, cat in zip(self.probabilities(images, [c.name for c in categories]), categories):
-            values = {a.name: max(a.values, key=lambda v, p=probs[a.name]: p[v]) for a in cat.attributes}
-            out.append(HeadsResult(values, probs))
-        return out
+        return [HeadsResult(most_probable(probs, cat), probs)
+                for probs, cat in zip(self.probabilities(images, [c.name for c in categories]), categories)]
+
+
+def most_probable(probs: dict[str, dict[str, float]], category: Category) -> dict[str, str]:
+    """{attribute: value} with the highest probability (ties: the taxonomy's order, most frequent first)."""
+    return {a.name: max(a.values, key=lambda v, p=probs[a.name]: p[v]) for a in category.attributes}
+
+
+def heads_route(collate, val_ids: list[str], n_train: int, batch_size: int):
+    """The classify route's rows -> records for `train.eval_metric` (vlmtax.evaluation.PredictRows): the
+    heads forward of the model being trained on the validation rows, batched by the training collator
+    (cached features in frozen mode, the same image processing otherwise; never augmented), decided as
+    `predict` decides."""
+    position = {rid: n_train + j for j, rid in enumerate(val_ids)}
+
+    @torch.no_grad()
+    def run(model, rows: list) -> dict[int, dict]:
+        from vlmtax.heads import head_probabilities
+
+        device = next(model.parameters()).device
+        done: dict[int, dict] = {}
+        for start in range(0, len(rows), batch_size):
+            batch_rows = rows[start:start + batch_size]
+            batch = collate([position[r.id] for r in batch_rows])
+            batch.pop("targets")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            category = batch.pop("category")
+            features = batch.pop("features", None)
+            if features is None:
+                features = model.encoder(**batch)
+            for r, probs in zip(batch_rows, head_probabilities(model.heads, features, category)):
+                done[r.index] = {"row": r.index, "values": most_probable(probs, r.category)}
+        return done
+
+    return run
 

@@ -236,9 +236,10 @@ def restore_full_weights(model: Any, checkpoint: str | Path) -> bool:
     The Trainer's own loaders (resume_from_checkpoint, load_best_model_at_end) read the checkpoint's state
     dict into the model as is and non-strictly, but transformers 5 saves Qwen2-VL under its legacy key names
     (model.layers.* for model.language_model.*): no key matches and the weights silently stay as they
-    were. from_pretrained converts the names."""
+    were. from_pretrained converts the names. A classify run's model is not a transformers model: the
+    Trainer's own loading matches its keys, and this returns False."""
     folder = Path(checkpoint)
-    if hasattr(model, "peft_config") or not any(
+    if hasattr(model, "peft_config") or not hasattr(type(model), "from_pretrained") or not any(
             (folder / n).exists() for n in ("model.safetensors", "model.safetensors.index.json")):
         return False
     loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
