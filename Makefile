@@ -24,8 +24,9 @@ demo: setup
 	$(VENV)/bin/vlmtax demo --workdir demo_work
 
 # One pytest worker per core, whole test files per worker (session fixtures and the docs walk-through
-# stay in one process); the demo and its blank-image control are two files, so they run side by side.
-PYTEST_PARALLEL ?= -n auto --dist loadfile
+# stay in one process), in the order tests/conftest.py gives (longest first): the demo and its blank-image
+# control are two files, so they start at once, side by side.
+PYTEST_PARALLEL ?= -n auto --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)

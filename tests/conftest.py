@@ -22,6 +22,17 @@ TINY_RECIPE = RECIPES / "tiny_cpu.yaml"
 SAREES_REMAP = "Sarees:attr_1<->attr_4"
 
 
+# The longest test files first, so that under `make test` (pytest-xdist, whole files per worker, in this
+# order: --no-loadscope-reorder) the two demos start at once on two workers and the rest fills in behind.
+FIRST = ["test_end_to_end.py", "test_end_to_end_blank.py", "test_docs.py", "test_bad_inputs.py", "test_sft.py",
+         "test_predict.py", "test_classify.py", "test_families.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: file order kept otherwise
+
+
 def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """`key=value` overrides pointing a recipe at the tiny model, a prepared data dir and an output dir."""
     return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]
