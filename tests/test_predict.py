@@ -182,13 +182,15 @@ def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_di
     args = ["--model", tiny_model_dir, "--csv", csv, "--images", images, "--out", tmp_path / "two.csv",
             "--taxonomy", common["taxonomy"], "--batch-size", "4", "--probs", tmp_path / "two.jsonl"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    killed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(root / "tests" / "kill_rank1.py"),
-         "predict", *map(str, args)], capture_output=True, text=True, timeout=300, env={**env, "VLMTAX_LAUNCHED": "1"})
-    assert killed.returncode != 0 and not (tmp_path / "two.csv").exists()
+    # The two processes as `--num-processes 2` starts them (predict_shares._launch), process 1 killed.
+    ranks = [subprocess.Popen([sys.executable, str(root / "tests" / "kill_rank1.py"), "predict", *map(str, args)],
+                              env={**env, "VLMTAX_LAUNCHED": "1", "RANK": str(i), "LOCAL_RANK": str(i),
+                                   "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [r.communicate(timeout=300)[0] for r in ranks]
+    assert ranks[0].returncode == 0 and ranks[1].returncode == -9 and not (tmp_path / "two.csv").exists()
     share1 = tmp_path / "two.csv.partial.1-of-2"
-    assert len(share1.read_text().splitlines()) == 1 + 4, killed.stderr[-3000:]  # fingerprint + one batch
+    assert len(share1.read_text().splitlines()) == 1 + 4, outputs[1][-3000:]  # fingerprint + one batch
 
     proc = subprocess.run([sys.executable, "-m", "vlmtax", "predict", *map(str, args), "--num-processes", "2"],
                           capture_output=True, text=True, timeout=300, env=env)

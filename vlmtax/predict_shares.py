@@ -74,21 +74,36 @@ class Share:
 
 
 def launched_share() -> Share | None:
-    """This process's share when `predict --num-processes N` launched it (accelerate/torchrun set RANK)."""
+    """This process's share when `predict --num-processes N` launched it (RANK, WORLD_SIZE set by _launch)."""
     if "VLMTAX_LAUNCHED" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return Share(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     return None
 
 
 def _launch(num_processes: int, argv: list[str]) -> None:
-    """Data-parallel prediction: `accelerate launch` N copies of `vlmtax predict` (the same mechanism as sft;
-    --multi_gpu is accelerate's torchrun launcher, which starts CPU processes too)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "-m", "vlmtax", "predict", *argv]
-    proc = subprocess.run(cmd, env={**os.environ, "VLMTAX_LAUNCHED": "1"})
-    if proc.returncode != 0:
-        raise VlmtaxError(f"a prediction process exited with code {proc.returncode}; the finished shares are kept",
+    """Start N copies of `vlmtax predict`, process i with RANK=LOCAL_RANK=i and WORLD_SIZE=N, and wait for all.
+
+    The shares never communicate (each reads its batches and writes its own partial file), so no launcher
+    or rendezvous is needed: plain processes start faster than `accelerate launch` / torchrun, which would
+    add a process of its own and its imports. Without a GPU each process gets the CPU's cores divided
+    among the processes as torch threads (OMP_NUM_THREADS, unless set). A failed process does not stop the
+    others; its share stays resumable."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(num_processes):
+            env = {**os.environ, "VLMTAX_LAUNCHED": "1", "RANK": str(i), "LOCAL_RANK": str(i),
+                   "WORLD_SIZE": str(num_processes), "OMP_NUM_THREADS": threads}
+            procs.append(subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", *argv], env=env))
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:  # interrupted (Ctrl-C): no process is left decoding behind the user's back
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    failed = [c for c in codes if c != 0]
+    if failed:
+        raise VlmtaxError(f"a prediction process exited with code {failed[0]}; the finished shares are kept",
                           "rerun the same command to resume")
 
 
