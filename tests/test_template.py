@@ -1,4 +1,4 @@
-"""template: shipped YAML files load; unknown keys and placeholders, a missing {value} or {image} are one-line errors."""
+"""template: shipped YAML files load; unknown keys or placeholders, no {value} or {image}: one-line errors."""
 
 from __future__ import annotations
 

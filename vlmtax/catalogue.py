@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from vlmtax.errors import VlmtaxError, first_line
-from vlmtax.taxonomy import N_SLOTS, Remap, normalise
+from vlmtax.taxonomy import N_SLOTS, SLOT_COLUMNS, Remap, normalise
 
 DEFAULT_IMAGE_PATTERN = "{id:06d}.jpg"
 # Columns of a rejects CSV (prepare's rejects.csv, predict's <out>.rejects.csv).
@@ -184,6 +184,21 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
             raise VlmtaxError(f"category {name!r} repeats the attribute name {twice!r}",
                               "give each attribute a unique name")
     return CategoryAttributes(attributes=attributes, remaps=remaps, values=values)
+
+
+def undeclared_labels(frame: pd.DataFrame, spec: CategoryAttributes,
+                      rows: list[int]) -> list[tuple[int, str, str, str]]:
+    """(row, column, attribute, label) of every label outside its attribute's declared values, among `rows`."""
+    found = []
+    for i in rows:
+        declared = spec.values.get(frame["Category"].iat[i])
+        if not declared:
+            continue
+        for column, attr in zip(SLOT_COLUMNS, spec.attributes[frame["Category"].iat[i]]):
+            value = frame[column].iat[i]
+            if attr in declared and value is not None and value not in declared[attr]:
+                found.append((i, column, attr, value))
+    return found
 
 
 @functools.lru_cache(maxsize=1024)

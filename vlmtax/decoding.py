@@ -5,14 +5,16 @@ attributes of a category in it), never one on a token that the format or the voc
 
 1. Attribute i: ONE forward over, per row, [forced text not yet cached] + [every allowed value of
    attribute i, side by side]. Forced text is the previous attribute's chosen value and the template's
-   fixed text before this attribute's value (`\\nneck:`, or `", "neck": "` in JSON); for the first attribute it is the templated prompt with its image
-   (left padded) and the first key, so the prefill costs no forward of its own. A custom 4D mask lets
-   each value see the cache, the forced text and its own earlier tokens only; explicit M-RoPE positions
-   start every value right after the forced text. So each value is scored exactly as if it were the sole
-   continuation (a tree sharing one prefix), which the tests check against a teacher-forced forward pass.
-2. A value's score is the log-likelihood of its tokens plus that of the token that closes it (the next
-   fixed text's first token, or the closing text's, or <|im_end|>): a value that is a prefix of another ("blue", "blue green") then
-   competes fairly. Probabilities are the softmax of the scores over the allowed values.
+   fixed text before this attribute's value (`\\nneck:`, or `", "neck": "` in JSON); for the first
+   attribute it is the templated prompt with its image (left padded) and the first fixed text, so the
+   prefill costs no forward of its own. A custom 4D mask lets each value see the cache, the forced text
+   and its own earlier tokens only; explicit M-RoPE positions start every value right after the forced
+   text. So each value is scored exactly as if it were the sole continuation (a tree sharing one
+   prefix), which the tests check against a teacher-forced forward pass.
+2. A value's score is the log-likelihood of its tokens plus that of the token that closes it (the first
+   token of the next fixed text, or of the closing text, or <|im_end|>): a value that is a prefix of
+   another ("blue", "blue green") then competes fairly. Probabilities are the softmax of the scores over
+   the allowed values.
 3. The values' cache entries are cropped away; the chosen value is fed as forced text in the next step.
 
 Cost: a step processes rows x (forced + all value tokens) tokens; memory is one KV cache row per input

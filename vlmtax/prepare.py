@@ -28,6 +28,7 @@ from vlmtax.catalogue import (
     geometry_reject,
     read_category_attributes,
     row_images,
+    undeclared_labels,
 )
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import check_writable, file_sha256, guard_outputs, read_csv
@@ -233,22 +234,15 @@ def _fill(rows: list[dict[str, Any]], taxonomy: Taxonomy, missing: str,
 def _out_of_schema(frame: pd.DataFrame, spec: CategoryAttributes, verdicts: Verdicts,
                    map_unknown: str) -> list[tuple[int, str, str]]:
     """Labels outside an attribute's declared `values:`: reject the row (`value_not_in_schema`), or clear the
-    label so that it counts for nothing and returns the (row, column, attribute) cells to set to the mode."""
-    cells: list[tuple[int, str, str]] = []
-    for cat_name, declared in spec.values.items():
-        names = spec.attributes[cat_name]
-        for i in verdicts.live():
-            if frame["Category"].iat[i] != cat_name:
-                continue
-            for column, attr in zip(SLOT_COLUMNS, names):
-                value = frame[column].iat[i]
-                if attr not in declared or value is None or value in declared[attr]:
-                    continue
-                if map_unknown == "reject":
-                    verdicts.reject(i, "value_not_in_schema", f"{attr}={value!r} is not a declared value")
-                    break
-                frame.iloc[i, frame.columns.get_loc(column)] = None
-                cells.append((i, column, attr))
+    label (so it counts for nothing) and return the (row, column, attribute) cells to set to the mode."""
+    cells = []
+    for i, column, attr, value in undeclared_labels(frame, spec, verdicts.live()):
+        if map_unknown == "reject":
+            if verdicts.reasons[i] is None:
+                verdicts.reject(i, "value_not_in_schema", f"{attr}={value!r} is not a declared value")
+        else:
+            frame.iloc[i, frame.columns.get_loc(column)] = None
+            cells.append((i, column, attr))
     return cells
 
 
