@@ -255,6 +255,6 @@ def test_a_model_trained_elsewhere_decodes_with_taxonomy_and_template(json_run_d
     assert (tmp_path / "plain.csv").read_text() == (tmp_path / "run.csv").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("answer: {field: '{value}', separator: ' '}\n")
-    proc = _cli("--model", plain, "--taxonomy", taxonomy, "--template", bad, "--csv", csv, "--images", images,
-                "--out", tmp_path / "bad.csv")
-    assert proc.returncode == 2 and "only whitespace separates" in proc.stderr
+    with pytest.raises(VlmtaxError, match="only whitespace separates"):
+        predict(model=plain, taxonomy=taxonomy, template=bad, csv=csv, images=images, out=tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()
