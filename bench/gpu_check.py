@@ -95,10 +95,12 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
     test = pd.read_csv(syn / "test.csv", dtype=str).head(8)
     images = [Image.open(syn / "test_images" / f"{int(i):06d}.jpg").convert("RGB") for i in test["id"]]
     cats = [taxonomy.category(c) for c in test["Category"]]
-    results = ConstrainedDecoder(model, processor).decode(images, cats)
-    builder, worst = SequenceBuilder(processor), 0.0
+    template = taxonomy.template
+    results = ConstrainedDecoder(model, processor, template).decode(images, cats)
+    builder, worst = SequenceBuilder(processor, template.system), 0.0
     for image, cat, res in zip(images, cats, results):
-        batch, start, owners = builder.teacher_forced(render_prompt(cat), [image], answer_segments(cat, res.values))
+        batch, start, owners = builder.teacher_forced(render_prompt(cat, template), [image],
+                                                      answer_segments(cat, res.values, template))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.no_grad():
             logits = model(**batch).logits[0]

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY_RECIPE = RECIPES / "tiny_cpu.yaml"
+DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
 SAREES_REMAP = "Sarees:attr_1<->attr_4"
 
 
@@ -85,6 +86,20 @@ def trained_run_dir(tmp_path_factory, tiny_model_dir, prepared_dir) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "run"
     return sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, prepared_dir, out, "finetuning=lora",
+                                                     "train.max_steps=8", "train.batch_size=4"))
+
+
+@pytest.fixture(scope="session")
+def json_run_dir(tmp_path_factory, synth_dir, tiny_model_dir) -> Path:
+    """A run that answers in JSON: prepare with data_templates/json.yaml, then 8 steps of the tiny recipe."""
+    from vlmtax.prepare import prepare
+    from vlmtax.sft import sft
+
+    root = tmp_path_factory.mktemp("json_run")
+    prepare(csv=synth_dir / "train.csv", images=synth_dir / "train_images", template=DATA_TEMPLATES / "json.yaml",
+            attributes=synth_dir / "category_attributes.parquet", out=root / "data", model=tiny_model_dir,
+            max_pixels=12544, workers=1)
+    return sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, root / "data", root / "run",
                                                      "train.max_steps=8", "train.batch_size=4"))
 
 

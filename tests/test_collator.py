@@ -110,3 +110,28 @@ def test_over_long_record_is_an_error_never_truncated(setup):
     processor, taxonomy, records = setup
     with pytest.raises(VlmtaxError, match="train.max_length"):
         Collator(processor, taxonomy, records, max_length=20)([{"index": 0}])
+
+
+def test_a_template_with_system_text_and_allowed_values_is_counted_and_collated_alike(setup):
+    """json_with_values: system text and the value lists are in the prompt; prepare's count equals the batch."""
+    from conftest import DATA_TEMPLATES
+
+    from vlmtax.answer import render_answer, render_prompt, with_template
+    from vlmtax.prepare_write import make_record
+
+    processor, taxonomy, records = setup
+    tax = with_template(taxonomy, DATA_TEMPLATES / "json_with_values.yaml")
+    cat = tax.category(records[0]["category"])
+    prompt = render_prompt(cat, tax.template)
+    rec = make_record("sharegpt", prompt, render_answer(cat, records[0]["attributes"], tax.template),
+                      records[0]["images"][0], {k: records[0][k] for k in ("id", "category", "attributes", "masked")},
+                      tax.template.system)
+    batch = Collator(processor, tax, [rec], 4096)([{"index": 0}])
+    width, height = load_image(rec["images"][0]).size
+    counted = TokenCounter(processor, 3136, 12845056, tax.template.system).count(
+        prompt, answer_segments(cat, rec["attributes"], tax.template), width, height)
+    assert counted == batch["input_ids"].shape[1]
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert tax.template.system in text and f"{cat.attributes[0].name}: {', '.join(cat.attributes[0].values)}" in text
+    answer = batch["input_ids"][0][batch["labels"][0] != IGNORE]
+    assert processor.tokenizer.decode(answer).startswith('{"')

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from vlmtax.answer import answer_segments, render_prompt
+from vlmtax.answer import DEFAULT_TEMPLATE, answer_segments, render_prompt
 from vlmtax.chat import SegmentTokenizer, SequenceBuilder
 from vlmtax.decoding import AnswerPlans, ConstrainedDecoder, free_decode, tree_mask
 from vlmtax.loading import load_for_inference
 from vlmtax.taxonomy import Taxonomy
+from vlmtax.template import load_template
+
+DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -65,10 +70,10 @@ def test_constrained_values_are_always_allowed_for_every_category(which, rows, r
         assert [r.values for r in again] == [r.values for r in results]
 
 
-def _teacher_forced(model, processor, image, category, values):
+def _teacher_forced(model, processor, image, category, values, template=DEFAULT_TEMPLATE):
     """Per attribute: log-likelihood of the value's tokens plus the token closing it, from one plain forward."""
-    batch, start, owners = SequenceBuilder(processor).teacher_forced(
-        render_prompt(category), [image], answer_segments(category, values))
+    batch, start, owners = SequenceBuilder(processor, template.system).teacher_forced(
+        render_prompt(category, template), [image], answer_segments(category, values, template))
     with torch.no_grad():
         logits = model(**batch).logits[0]
     logp, ids, out = torch.log_softmax(logits.float(), -1), batch["input_ids"], {}
@@ -79,12 +84,16 @@ def _teacher_forced(model, processor, image, category, values):
     return out
 
 
-def test_scores_equal_a_teacher_forced_forward_pass(trained, rows):
-    model, processor = trained
-    images, categories = rows
-    results = ConstrainedDecoder(model, processor).decode(images, categories)
+@pytest.mark.parametrize("run", ["trained_run_dir", "json_run_dir"])
+def test_scores_equal_a_teacher_forced_forward_pass(run, rows, request):
+    """For the lines layout and for a run trained on JSON answers (data_templates/json.yaml)."""
+    run_dir = request.getfixturevalue(run)
+    model, processor = load_for_inference(run_dir)[:2]
+    tax = Taxonomy.load(run_dir / "taxonomy.json")
+    images, categories = rows[0], [tax.category(c.name) for c in rows[1]]
+    results = ConstrainedDecoder(model, processor, tax.template).decode(images, categories)
     for image, cat, res in zip(images, categories, results):
-        forced = _teacher_forced(model, processor, image, cat, res.values)
+        forced = _teacher_forced(model, processor, image, cat, res.values, tax.template)
         for attr in cat.attributes:
             chosen = res.logliks[attr.name][attr.values.index(res.values[attr.name])]
             assert chosen == pytest.approx(forced[attr.name], abs=1e-4)
@@ -93,20 +102,22 @@ def test_scores_equal_a_teacher_forced_forward_pass(trained, rows):
     image, cat, res = images[1], categories[1], results[1]
     for attr in (cat.attributes[0], cat.attributes[-1]):
         for k, value in enumerate(attr.values[:6]):
-            forced = _teacher_forced(model, processor, image, cat, {**res.values, attr.name: value})
+            forced = _teacher_forced(model, processor, image, cat, {**res.values, attr.name: value}, tax.template)
             assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
 
 
-def test_plan_tokens_are_the_training_tokens(untrained, taxonomy):
+@pytest.mark.parametrize("template", ["lines", "json", "json_with_values"])
+def test_plan_tokens_are_the_training_tokens(untrained, taxonomy, template):
     _, processor = untrained
-    plans, seg = AnswerPlans(processor.tokenizer), SegmentTokenizer(processor.tokenizer)
+    template = load_template(DATA_TEMPLATES / f"{template}.yaml")
+    plans, seg = AnswerPlans(processor.tokenizer, template), SegmentTokenizer(processor.tokenizer)
     for cat in taxonomy.categories.values():
         plan = plans(cat)
         values = {a.name: a.values[-1] for a in cat.attributes}
         ids = list(plan.key0)
         for slot in plan.slots:
             ids += list(slot.value_ids[slot.values.index(values[slot.attribute])]) + list(slot.next_ids)
-        assert ids == seg.answer(answer_segments(cat, values))[0]
+        assert ids == seg.answer(answer_segments(cat, values, template))[0]
         assert plan.max_tokens >= len(ids)
 
 

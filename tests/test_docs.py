@@ -21,7 +21,7 @@ Order (one session-scoped sandbox folder, every command run with `bash -c` there
 Links created in the sandbox (no rewriting of the commands)
     | link                                   | points to       | why                                        |
     |----------------------------------------|-----------------|--------------------------------------------|
-    | recipes                                | <repo>/recipes  | the docs run commands from the repo root   |
+    | recipes, data_templates                | <repo>/...      | the docs run commands from the repo root   |
     | meesho                                 | catalogue       | the synthetic catalogue has Meesho's file  |
     |                                        |                 | names (train.csv, train_images/, test.csv, |
     |                                        |                 | test_images/, category_attributes.parquet) |
@@ -79,7 +79,7 @@ COMMAND_TIMEOUT = 420
 
 # Every reason string that prepare/predict write to a rejects CSV.
 REJECT_REASONS = ["bad_id", "duplicate_id", "unknown_category", "len_mismatch", "image_outside_folder",
-                  "missing_image", "unreadable_image", "missing_labels", "too_long"]
+                  "missing_image", "unreadable_image", "missing_labels", "too_long", "value_not_in_schema"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,7 @@ class Sandbox:
         models = sorted({m for c in commands for m in MODELS.findall(c.text)})
         (root / "models").mkdir(parents=True, exist_ok=True)
         (root / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
+        (root / "data_templates").symlink_to(REPO / "data_templates", target_is_directory=True)
         (root / "meesho").symlink_to("catalogue", target_is_directory=True)
         for model in models:
             (root / "models" / model).symlink_to(Path("..") / TINY_MODEL, target_is_directory=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import DATA_TEMPLATES, TINY_RECIPE, tiny_overrides
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.predict import predict
@@ -201,3 +202,61 @@ def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_di
     assert (tmp_path / "two.rejects.csv").read_bytes() == (tmp_path / "one.rejects.csv").read_bytes()
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert not list(tmp_path.glob("two.csv.partial*"))
+
+
+
+def _template_run(template: str, request, synth_dir, tiny_model_dir, tmp_path) -> tuple[Path, Path]:
+    """(run dir, its prepared data): the shared runs for lines and json, a 2-step one for json_with_values."""
+    if template == "lines":
+        return request.getfixturevalue("trained_run_dir"), request.getfixturevalue("prepared_dir")
+    if template == "json":
+        run = request.getfixturevalue("json_run_dir")
+        return run, run.parent / "data"
+    from vlmtax.prepare import prepare
+    from vlmtax.sft import sft
+
+    prepare(csv=synth_dir / "train.csv", images=synth_dir / "train_images", out=tmp_path / "data", workers=1,
+            attributes=synth_dir / "category_attributes.parquet", template=DATA_TEMPLATES / f"{template}.yaml")
+    run = sft(TINY_RECIPE, overrides=tiny_overrides(tiny_model_dir, tmp_path / "data", tmp_path / "run",
+                                                    "train.max_steps=2", "train.batch_size=4"))
+    return run, tmp_path / "data"
+
+
+@pytest.mark.parametrize("template", ["lines", "json", "json_with_values"])
+def test_each_shipped_template_goes_prepare_sft_predict_score(template, request, synth_dir, tiny_model_dir, tmp_path):
+    from vlmtax.score import score
+
+    run, data = _template_run(template, request, synth_dir, tiny_model_dir, tmp_path)
+    tax = Taxonomy.load(run / "taxonomy.json")
+    assert tax.template.name == template  # the run dir carries the template it was trained with
+    sub = tmp_path / "sub.csv"
+    predict(model=run, csv=data / "val.csv", images=synth_dir / "train_images", out=sub, batch_size=8)
+    table = pd.read_csv(sub, dtype=str, keep_default_na=False)
+    for _, row in table.iterrows():
+        assert all(row[a.column] in a.values for a in tax.categories[row["Category"]].attributes)
+    assert 0 <= score(truth=data / "val.csv", pred=sub)["final"] <= 1
+
+
+def test_a_model_trained_elsewhere_decodes_with_taxonomy_and_template(json_run_dir, prepared_dir, synth_dir,
+                                                                      tmp_path):
+    """A plain model folder (no vlmtax files) that answers in JSON, decoded with --taxonomy and --template,
+    gives the same submission as the vlmtax run it was copied from."""
+    plain = tmp_path / "elsewhere"
+    shutil.copytree(json_run_dir, plain, ignore=shutil.ignore_patterns(
+        "taxonomy.json", "vlmtax_meta.json", "recipe.yaml", "checkpoint-*", "training_args.bin"))
+    csv, images = json_run_dir.parent / "data" / "val.csv", synth_dir / "train_images"
+    predict(model=json_run_dir, csv=csv, images=images, out=tmp_path / "run.csv")
+    with pytest.raises(VlmtaxError, match="--taxonomy"):
+        predict(model=plain, csv=csv, images=images, out=tmp_path / "x.csv")
+    taxonomy = tmp_path / "taxonomy.json"  # the json run's vocabulary with the default (lines) template
+    tax = Taxonomy.load(json_run_dir / "taxonomy.json")
+    Taxonomy(filler=tax.filler, remaps=tax.remaps, categories=tax.categories).save(taxonomy)
+    proc = _cli("--model", plain, "--taxonomy", taxonomy, "--template", DATA_TEMPLATES / "json.yaml", "--csv", csv,
+                "--images", images, "--out", tmp_path / "plain.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "plain.csv").read_text() == (tmp_path / "run.csv").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("answer: {field: '{value}', separator: ' '}\n")
+    with pytest.raises(VlmtaxError, match="only whitespace separates"):
+        predict(model=plain, taxonomy=taxonomy, template=bad, csv=csv, images=images, out=tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()

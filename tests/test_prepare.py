@@ -282,3 +282,65 @@ def test_a_remap_declared_twice_is_an_error(catalogue):
     catalogue["attributes"].write_text(json.dumps(spec))
     with pytest.raises(VlmtaxError, match="declared twice"):
         _run(catalogue, remaps=["Sarees:attr_3<->attr_1"])
+
+
+DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+
+
+def test_a_template_renders_the_records_and_travels_in_the_taxonomy(catalogue):
+    _, out = _run(catalogue, template=DATA_TEMPLATES / "json_with_values.yaml")
+    rec = _records(out)["1"]
+    system, user, answer = (m["content"] for m in rec["messages"])
+    assert system.startswith("You label product photos") and "color: red, blue\n" in user
+    assert answer == '{"color": "red", "neck": "round", "sleeve": "short"}'
+    tax = Taxonomy.load(out / "taxonomy.json")
+    assert tax.template.name == "json_with_values" and tax.template.answer.begin == "{"
+    assert json.loads((out / "prepare_meta.json").read_text())["template"] == "json_with_values"
+    _, alpaca = _run(catalogue, out="alpaca", format="alpaca", template=DATA_TEMPLATES / "json_with_values.yaml")
+    assert json.loads((alpaca / "dataset_info.json").read_text())["vlmtax_train"]["columns"]["system"] == "system"
+    assert json.loads((alpaca / "train.json").read_text())[0]["system"] == system
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("prompt: '{image}Fill {atributes}'\n", "unknown placeholder {atributes}"),
+    ("answer: {field: '{value}', separator: ' '}\n", "only whitespace separates color from neck"),
+])
+def test_cli_refuses_a_bad_template_in_one_line(catalogue, tmp_path: Path, text: str, problem: str):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmtax", "prepare", "--csv", str(catalogue["csv"]), "--images",
+         str(catalogue["images"]), "--attributes", str(catalogue["attributes"]), "--out", str(tmp_path / "o"),
+         "--template", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and problem in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _declare(catalogue, values: list[str]) -> None:
+    spec = {"categories": {"Tees": [{"name": "color", "values": values}, "neck", "sleeve"],
+                           "Sarees": ATTRS["categories"]["Sarees"]}}
+    catalogue["attributes"].write_text(json.dumps(spec))
+
+
+def test_declared_values_close_the_vocabulary_and_reject_other_labels(catalogue):
+    _declare(catalogue, ["Red", "green"])
+    report, out = _run(catalogue)
+    rejects = pd.read_csv(out / "rejects.csv", dtype=str)
+    assert rejects[["id", "reason"]].values.tolist() == [["3", "value_not_in_schema"]]
+    assert "color='blue'" in rejects["detail"].iat[0]
+    color = Taxonomy.load(out / "taxonomy.json").categories["Tees"].attributes[0]
+    assert color.values == ["red", "green"] and color.counts == {"red": 3, "green": 0}  # unseen stays allowed
+    assert report["per_reason"] == {"value_not_in_schema": 1}
+
+
+def test_map_unknown_mode_keeps_the_row_with_the_mode(catalogue):
+    _declare(catalogue, ["red", "green"])
+    _, out = _run(catalogue, map_unknown="mode")
+    assert _records(out)["3"]["attributes"]["color"] == "red"
+    assert pd.read_csv(out / "rejects.csv").empty
+
+
+def test_declared_values_must_be_a_list(catalogue):
+    _declare(catalogue, [])
+    with pytest.raises(VlmtaxError, match="values of 'color' must be a non-empty list"):
+        _run(catalogue)

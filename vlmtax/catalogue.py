@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from vlmtax.errors import VlmtaxError, first_line
-from vlmtax.taxonomy import N_SLOTS, Remap
+from vlmtax.taxonomy import N_SLOTS, SLOT_COLUMNS, Remap, normalise
 
 DEFAULT_IMAGE_PATTERN = "{id:06d}.jpg"
 # Columns of a rejects CSV (prepare's rejects.csv, predict's <out>.rejects.csv).
@@ -26,10 +26,36 @@ REJECT_COLUMNS = ["id", "Category", "reason", "detail"]
 
 @dataclass
 class CategoryAttributes:
-    """Category -> attribute names in attr_1.. order, plus remaps declared alongside them."""
+    """Category -> attribute names in attr_1.. order, plus remaps declared alongside them, plus the declared
+    closed vocabularies: category -> attribute -> allowed values (normalised), for attributes that list `values:`."""
 
     attributes: dict[str, list[str]]
     remaps: list[Remap]
+    values: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+
+def _declared(entries: object, where: str) -> tuple[object, dict[str, list[str]]]:
+    """Attribute entries that are `{name: color, values: [red, ...]}`: their names, and their declared values."""
+    if not isinstance(entries, list) or not any(isinstance(e, dict) for e in entries):
+        return entries, {}
+    names: list[object] = []
+    values: dict[str, list[str]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            names.append(entry)
+            continue
+        if "name" not in entry or not set(entry) <= {"name", "values"}:
+            raise VlmtaxError(f"{where}: attribute entry {entry!r} needs `name` (and optionally `values`) only",
+                              "write {name: color, values: [red, blue]}")
+        names.append(entry["name"])
+        if entry.get("values") is not None:
+            raw = entry["values"]
+            listed = [normalise(v) for v in raw] if isinstance(raw, list) else []
+            if not listed or None in listed:
+                raise VlmtaxError(f"{where}: values of {entry['name']!r} must be a non-empty list of labels",
+                                  "list the allowed labels, e.g. values: [red, blue]")
+            values[str(entry["name"]).strip()] = list(dict.fromkeys(listed))
+    return names, values
 
 
 def _as_list(value: object, where: str) -> list[str]:
@@ -123,10 +149,14 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
         remaps = _parse_remaps(data.get("remaps") or [], path)
         data = data["categories"]
     attributes: dict[str, list[str]] = {}
+    values: dict[str, dict[str, list[str]]] = {}
     if isinstance(data, dict):
         for raw, attrs in data.items():
             name = _category_name(raw, path)
+            attrs, declared = _declared(attrs, f"{path}: category {name!r}")
             _add(attributes, name, _as_list(attrs, f"{path}: category {name!r}"), path)
+            if declared:
+                values[name] = declared
     elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
         for rec in data:
             if "Category" not in rec or "Attribute_list" not in rec:
@@ -153,7 +183,22 @@ def read_category_attributes(path: str | Path) -> CategoryAttributes:
             twice = next(a for a in attrs if attrs.count(a) > 1)
             raise VlmtaxError(f"category {name!r} repeats the attribute name {twice!r}",
                               "give each attribute a unique name")
-    return CategoryAttributes(attributes=attributes, remaps=remaps)
+    return CategoryAttributes(attributes=attributes, remaps=remaps, values=values)
+
+
+def undeclared_labels(frame: pd.DataFrame, spec: CategoryAttributes,
+                      rows: list[int]) -> list[tuple[int, str, str, str]]:
+    """(row, column, attribute, label) of every label outside its attribute's declared values, among `rows`."""
+    found = []
+    for i in rows:
+        declared = spec.values.get(frame["Category"].iat[i])
+        if not declared:
+            continue
+        for column, attr in zip(SLOT_COLUMNS, spec.attributes[frame["Category"].iat[i]]):
+            value = frame[column].iat[i]
+            if attr in declared and value is not None and value not in declared[attr]:
+                found.append((i, column, attr, value))
+    return found
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,20 +18,22 @@ from vlmtax.answer import IMAGE_PLACEHOLDER, Segment
 END_OF_TURN = "<|im_end|>"
 
 
-def user_messages(prompt: str) -> list[dict[str, Any]]:
-    """Turn a prompt with `<image>` placeholders into chat-template content parts."""
+def user_messages(prompt: str, system: str | None = None) -> list[dict[str, Any]]:
+    """Turn a prompt with `<image>` placeholders into chat-template content parts (after the template's system
+    text, if it sets one)."""
     content: list[dict[str, Any]] = []
     for i, part in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
         if i:
             content.append({"type": "image"})
         if part:
             content.append({"type": "text", "text": part})
-    return [{"role": "user", "content": content}]
+    head = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    return head + [{"role": "user", "content": content}]
 
 
-def prompt_text(processor: Any, prompt: str) -> str:
+def prompt_text(processor: Any, prompt: str, system: str | None = None) -> str:
     """The templated user turn plus the assistant header, ready for the answer tokens."""
-    return processor.apply_chat_template(user_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(user_messages(prompt, system), tokenize=False, add_generation_prompt=True)
 
 
 class SegmentTokenizer:
@@ -71,8 +73,8 @@ def image_token_count(processor: Any, width: int, height: int, min_pixels: int, 
 class TokenCounter:
     """Tokens of a record exactly as the collator builds it: templated prompt, image pads, answer, end of turn."""
 
-    def __init__(self, processor: Any, min_pixels: int, max_pixels: int):
-        self.processor = processor
+    def __init__(self, processor: Any, min_pixels: int, max_pixels: int, system: str | None = None):
+        self.processor, self.system = processor, system
         self.segments = SegmentTokenizer(processor.tokenizer)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._prompt: dict[str, int] = {}
@@ -81,8 +83,8 @@ class TokenCounter:
     def count(self, prompt: str, segments: list[Segment], width: int, height: int) -> int:
         if prompt not in self._prompt:
             # The template holds one <|image_pad|> that the processor expands; counted with the image below.
-            self._prompt[prompt] = len(self.segments.encode(prompt_text(self.processor, prompt))) - prompt.count(
-                IMAGE_PLACEHOLDER)
+            text = prompt_text(self.processor, prompt, self.system)
+            self._prompt[prompt] = len(self.segments.encode(text)) - prompt.count(IMAGE_PLACEHOLDER)
         if (width, height) not in self._image:
             self._image[(width, height)] = image_token_count(
                 self.processor, width, height, self.min_pixels, self.max_pixels)
@@ -103,8 +105,8 @@ class SequenceBuilder:
     of the cost.
     """
 
-    def __init__(self, processor: Any):
-        self.processor = processor
+    def __init__(self, processor: Any, system: str | None = None):
+        self.processor, self.system = processor, system  # the template's system text
         self.segments = SegmentTokenizer(processor.tokenizer)
         self.image_pad = image_pad_id(processor)
         self.merge = processor.image_processor.merge_size ** 2
@@ -120,7 +122,7 @@ class SequenceBuilder:
 
     def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
         if prompt not in self._prompts:
-            self._prompts[prompt] = self.segments.encode(prompt_text(self.processor, prompt))
+            self._prompts[prompt] = self.segments.encode(prompt_text(self.processor, prompt, self.system))
         ids: list[int] = []
         counts = iter(image_tokens)
         for t in self._prompts[prompt]:

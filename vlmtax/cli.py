@@ -37,6 +37,7 @@ Missing = _choices("Missing", "mode", "mask", "skip")
 VerifyImages = _choices("VerifyImages", "fast", "full")
 DType = _choices("DType", "auto", "bf16", "fp16", "fp32")
 Mode = _choices("Mode", "constrained", "free")
+MapUnknown = _choices("MapUnknown", "mode", "reject")
 Family = _choices("Family", "qwen2_vl", "clip", "siglip")
 
 
@@ -111,6 +112,11 @@ def prepare(
     image_cache: Annotated[bool, typer.Option(help="Reuse image checks of unchanged files (user cache).")] = True,
     trust_remote_code: Annotated[bool, typer.Option(
         help="Let --model's processor run code shipped with the model (off: only transformers' own).")] = False,
+    template: Annotated[Path | None, typer.Option(
+        help="Prompt/answer template YAML, e.g. data_templates/json.yaml (default: lines).")] = None,
+    map_unknown: Annotated[MapUnknown, typer.Option(
+        help="A label outside an attribute's declared values: mode (use the mode) or reject the row.")] = (
+        MapUnknown.reject),
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
     from vlmtax.prepare import prepare as run
@@ -120,7 +126,7 @@ def prepare(
         filler=filler, val_fraction=val_fraction, seed=seed, model=model, max_pixels=max_pixels,
         min_pixels=min_pixels, max_length=max_length, strict=strict, image_pattern=image_pattern,
         remaps=remap or [], workers=workers, verify_images=verify_images.value, image_cache=image_cache,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, template=template, map_unknown=map_unknown.value,
     )
     typer.echo(
         f"prepared {report['train_records']} train + {report['val_records']} val records, "
@@ -169,6 +175,8 @@ def predict(
     images: Annotated[Path, typer.Option(help="Folder holding the images.")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
     taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: the model dir's).")] = None,
+    template: Annotated[Path | None, typer.Option(
+        help="Prompt/answer template YAML (default: the taxonomy's), for a model trained elsewhere.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8,
     probs: Annotated[Path | None, typer.Option(help="Write per-value probabilities (JSONL).")] = None,
     mode: Annotated[Mode, typer.Option(help="constrained: only allowed values; free: generate then snap.")] = (
@@ -184,7 +192,7 @@ def predict(
 
     run(model=model, csv=csv, images=images, out=out, taxonomy=taxonomy, batch_size=batch_size,
         probs=probs, mode=mode.value, image_pattern=image_pattern, dtype=dtype.value, device=device,
-        num_processes=num_processes)
+        num_processes=num_processes, template=template)
 
 
 @app.command()

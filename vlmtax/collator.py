@@ -34,7 +34,7 @@ class Collator:
         self.taxonomy = taxonomy
         self.records = records
         self.max_length = max_length
-        self.sequences = SequenceBuilder(processor)
+        self.sequences = SequenceBuilder(processor, taxonomy.template.system)
         self.segments = self.sequences.segments
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_pad = self.sequences.image_pad
@@ -44,7 +44,7 @@ class Collator:
     def encode(self, rec: dict[str, Any], image_tokens: list[int]) -> dict[str, list[int]]:
         prompt, _ = record_prompt_answer(rec)
         category = self.taxonomy.category(rec["category"])
-        segments = answer_segments(category, record_values(rec, self.taxonomy))
+        segments = answer_segments(category, record_values(rec, self.taxonomy), self.taxonomy.template)
         prompt_ids, answer_ids, owners = self.sequences.build(prompt, segments, image_tokens)
         masked = set(rec.get("masked") or [])
         ids = prompt_ids + answer_ids
@@ -87,12 +87,12 @@ class Collator:
 def record_lengths(processor: Any, taxonomy: Taxonomy, records: list[dict[str, Any]], min_pixels: int,
                    max_pixels: int) -> list[int]:
     """Token count of every record (from image headers, no decoding), for length-grouped batches."""
-    counter = TokenCounter(processor, min_pixels, max_pixels)
+    counter = TokenCounter(processor, min_pixels, max_pixels, taxonomy.template.system)
     lengths = []
     for rec in records:
         with Image.open(rec["images"][0]) as img:
             width, height = img.size
         category = taxonomy.category(rec["category"])
-        segments = answer_segments(category, record_values(rec, taxonomy))
+        segments = answer_segments(category, record_values(rec, taxonomy), taxonomy.template)
         lengths.append(counter.count(record_prompt_answer(rec)[0], segments, width, height))
     return lengths

@@ -4,15 +4,17 @@ Constrained decoding spends exactly one forward pass per attribute (forward call
 attributes of a category in it), never one on a token that the format or the vocabulary already fixes:
 
 1. Attribute i: ONE forward over, per row, [forced text not yet cached] + [every allowed value of
-   attribute i, side by side]. Forced text is the previous attribute's chosen value and this
-   attribute's key (`\\nneck:`); for the first attribute it is the templated prompt with its image
-   (left padded) and the first key, so the prefill costs no forward of its own. A custom 4D mask lets
-   each value see the cache, the forced text and its own earlier tokens only; explicit M-RoPE positions
-   start every value right after the forced text. So each value is scored exactly as if it were the sole
-   continuation (a tree sharing one prefix), which the tests check against a teacher-forced forward pass.
-2. A value's score is the log-likelihood of its tokens plus that of the token that closes it (the next
-   key's first token, or <|im_end|>): a value that is a prefix of another ("blue", "blue green") then
-   competes fairly. Probabilities are the softmax of the scores over the allowed values.
+   attribute i, side by side]. Forced text is the previous attribute's chosen value and the template's
+   fixed text before this attribute's value (`\\nneck:`, or `", "neck": "` in JSON); for the first
+   attribute it is the templated prompt with its image (left padded) and the first fixed text, so the
+   prefill costs no forward of its own. A custom 4D mask lets each value see the cache, the forced text
+   and its own earlier tokens only; explicit M-RoPE positions start every value right after the forced
+   text. So each value is scored exactly as if it were the sole continuation (a tree sharing one
+   prefix), which the tests check against a teacher-forced forward pass.
+2. A value's score is the log-likelihood of its tokens plus that of the token that closes it (the first
+   token of the next fixed text, or of the closing text, or <|im_end|>): a value that is a prefix of
+   another ("blue", "blue green") then competes fairly. Probabilities are the softmax of the scores over
+   the allowed values.
 3. The values' cache entries are cropped away; the chosen value is fed as forced text in the next step.
 
 Cost: a step processes rows x (forced + all value tokens) tokens; memory is one KV cache row per input
@@ -29,10 +31,11 @@ from typing import Any
 
 import torch
 
-from vlmtax.answer import VALUE_PREFIX, key_text, parse_answer, render_prompt, snap
+from vlmtax.answer import DEFAULT_TEMPLATE, escape, layout, parse_answer, render_prompt, snap
 from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Category
+from vlmtax.template import Template
 
 # fp32 logits scored at once (16 MiB): 27 positions of Qwen2-VL's 151,936-token vocabulary.
 LOGIT_CHUNK_ELEMENTS = 1 << 22
@@ -45,7 +48,7 @@ class Slot:
     attribute: str
     values: list[str]
     value_ids: list[tuple[int, ...]]
-    next_ids: tuple[int, ...]  # forced text after the value: the next key, or the end of turn
+    next_ids: tuple[int, ...]  # forced text after the value: the next fixed text, or the closing one + end of turn
     first: list[int]  # first token of each value, scored from the forced text's last position
     tokens: list[int]  # every value's tokens, concatenated (S of them)
     owner: list[int]  # index of the value each token belongs to
@@ -70,8 +73,9 @@ class RowResult:
 class AnswerPlans:
     """Token plans per category, built once (keys and values repeat across every row)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, template: Template = DEFAULT_TEMPLATE):
         self.segments = SegmentTokenizer(tokenizer)
+        self.template = template
         self._plans: dict[str, Plan] = {}
 
     def __call__(self, category: Category) -> Plan:
@@ -81,11 +85,13 @@ class AnswerPlans:
 
     def _build(self, category: Category) -> Plan:
         enc = self.segments.encode
-        keys = [enc(key_text(i, a.name)) for i, a in enumerate(category.attributes)]
+        lay = layout(category, self.template)
+        keys = [enc(text) if text else () for text in lay.fixed]
+        keys[-1] += self.segments.end_ids
         slots = []
         for i, attr in enumerate(category.attributes):
-            next_ids = keys[i + 1] if i + 1 < len(keys) else self.segments.end_ids
-            value_ids = [enc(VALUE_PREFIX + v) for v in attr.values]
+            next_ids = keys[i + 1]
+            value_ids = [enc(lay.prefixes[i] + escape(v, self.template)) for v in attr.values]
             tokens, owner, offset, target = [], [], [], []
             for k, ids in enumerate(value_ids):
                 for j, tok in enumerate(ids):
@@ -96,12 +102,13 @@ class AnswerPlans:
             slots.append(Slot(attr.name, list(attr.values), value_ids, next_ids, [ids[0] for ids in value_ids],
                               tokens, owner, offset, target))
         longest = sum(len(k) for k in keys) + sum(max(map(len, s.value_ids)) for s in slots)
-        return Plan(key0=keys[0], slots=slots, max_tokens=longest + len(self.segments.end_ids))
+        return Plan(key0=keys[0], slots=slots, max_tokens=longest)
 
 
-def encode_prompts(processor: Any, images: list[Any], categories: list[Category], device: torch.device) -> dict:
+def encode_prompts(processor: Any, images: list[Any], categories: list[Category], device: torch.device,
+                   template: Template = DEFAULT_TEMPLATE) -> dict:
     """Templated prompts + images, left padded (the processor's tokenizer is set to pad on the left)."""
-    texts = [prompt_text(processor, render_prompt(c)) for c in categories]
+    texts = [prompt_text(processor, render_prompt(c, template), template.system) for c in categories]
     enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
@@ -125,8 +132,8 @@ def tree_mask(keymask: torch.Tensor, group: torch.Tensor, dtype: torch.dtype) ->
 class ConstrainedDecoder:
     """Scores every allowed value of every attribute; emits the best one. Works for any model, trained or not."""
 
-    def __init__(self, model: Any, processor: Any):
-        self.model, self.processor = model, processor
+    def __init__(self, model: Any, processor: Any, template: Template = DEFAULT_TEMPLATE):
+        self.model, self.processor, self.template = model, processor, template
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in (None, "sdpa", "eager"):
             raise VlmtaxError(f"constrained decoding needs sdpa or eager attention, not {impl}: it scores every "
@@ -134,7 +141,7 @@ class ConstrainedDecoder:
                               "load the model with attn_implementation='sdpa' (vlmtax's loaders do)")
         self.head = model.get_output_embeddings()
         self.vocab_size = self.head.weight.shape[0]
-        self.plans = AnswerPlans(processor.tokenizer)
+        self.plans = AnswerPlans(processor.tokenizer, template)
         self.pad_id = processor.tokenizer.pad_token_id
         self.mrope = hasattr(model.model, "get_rope_index")
         self.forward_calls = 0
@@ -144,7 +151,7 @@ class ConstrainedDecoder:
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded prompt inputs with their (M-RoPE) positions, and each row's next text position."""
-        enc = encode_prompts(self.processor, images, categories, self.model.device)
+        enc = encode_prompts(self.processor, images, categories, self.model.device, self.template)
         mask2d = enc["attention_mask"]
         if self.mrope and "image_grid_thw" in enc:
             pos, deltas = self.model.model.get_rope_index(
@@ -262,7 +269,7 @@ def generate_answers(model: Any, processor: Any, images: list[Any], categories: 
                      plans: AnswerPlans) -> list[str]:
     """Plain greedy `generate` of the answer text, with a budget of the longest possible answer."""
     tok = processor.tokenizer
-    enc = encode_prompts(processor, images, categories, model.device)
+    enc = encode_prompts(processor, images, categories, model.device, plans.template)
     budget = max(plans(c).max_tokens for c in categories)
     stop = sorted({*plans.segments.end_ids, tok.eos_token_id} - {None})
     with torch.no_grad():
@@ -276,7 +283,7 @@ def free_decode(model: Any, processor: Any, images: list[Any], categories: list[
     """Unconstrained generation parsed back; each slot snapped to its closest allowed value (and counted)."""
     results = []
     for text, category in zip(generate_answers(model, processor, images, categories, plans), categories):
-        parsed = parse_answer(text, category)
+        parsed = parse_answer(text, category, plans.template)
         values, snapped = {}, 0
         for attr in category.attributes:
             values[attr.name], changed = snap(parsed[attr.name], attr.values)
@@ -288,9 +295,9 @@ def free_decode(model: Any, processor: Any, images: list[Any], categories: list[
 class FreeDecoder:
     """`predict --mode free`: the decoder interface of ConstrainedDecoder over `free_decode`."""
 
-    def __init__(self, model: Any, processor: Any):
+    def __init__(self, model: Any, processor: Any, template: Template = DEFAULT_TEMPLATE):
         self.model, self.processor = model, processor
-        self.plans = AnswerPlans(processor.tokenizer)
+        self.plans = AnswerPlans(processor.tokenizer, template)
         self.forward_calls = 0  # only constrained decoding counts its forwards; generate's are its own
 
     def decode(self, images: list[Any], categories: list[Category]) -> list[RowResult]:

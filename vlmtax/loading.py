@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from vlmtax.answer import with_template
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.meta import META_FILE
 from vlmtax.taxonomy import Taxonomy
@@ -290,13 +291,15 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str | None
     return model.to(dev), processor, model_dir
 
 
-def load_taxonomy(model_path: str | Path, override: str | Path | None) -> Taxonomy:
-    """--taxonomy if given, else the model folder's own (run dirs and merged dirs carry one)."""
+def load_taxonomy(model_path: str | Path, override: str | Path | None,
+                  template: str | Path | None = None) -> Taxonomy:
+    """--taxonomy if given, else the model folder's own (run dirs and merged dirs carry one); with --template,
+    that prompt/answer template instead of the taxonomy's (a model trained elsewhere, or zero-shot)."""
     if override is not None:
-        return Taxonomy.load(override)
+        return with_template(Taxonomy.load(override), template)
     path = Path(model_path)
     for candidate in (folder / TAXONOMY_FILE for folder in run_roots(path)):
         if candidate.is_file():
-            return Taxonomy.load(candidate)
+            return with_template(Taxonomy.load(candidate), template)
     where = f"{path} has no {TAXONOMY_FILE}" if path.is_dir() else f"{path} is not a local folder"
     raise VlmtaxError(where, "pass --taxonomy FILE (from `vlmtax prepare`)")

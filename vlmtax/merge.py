@@ -83,12 +83,13 @@ def probe_inputs(processor: Any, taxonomy: Taxonomy, meta: dict[str, Any]) -> tu
         image, source = load_image(rec["images"][0]), f"record {rec.get('id')} of {meta['data']}"
     else:
         category = next(iter(taxonomy.categories.values()))
-        values, prompt = {a.name: a.mode for a in category.attributes}, render_prompt(category)
+        values, prompt = {a.name: a.mode for a in category.attributes}, render_prompt(category, taxonomy.template)
         ramp = np.linspace(0, 255, 112, dtype=np.uint8)
         image = Image.fromarray(np.stack([np.tile(ramp, (112, 1)), np.tile(ramp[:, None], (1, 112)),
                                           np.full((112, 112), 128, np.uint8)], axis=-1))
         source = "synthetic image and prompt"
-    batch, _, _ = SequenceBuilder(processor).teacher_forced(prompt, [image], answer_segments(category, values))
+    batch, _, _ = SequenceBuilder(processor, taxonomy.template.system).teacher_forced(
+        prompt, [image], answer_segments(category, values, taxonomy.template))
     return batch, source
 
 

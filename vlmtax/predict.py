@@ -155,7 +155,7 @@ def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dt
         from vlmtax.loading import load_for_inference
 
         loaded, processor, _ = load_for_inference(vlm_path, dtype=dtype, device=device)
-        return (ConstrainedDecoder if mode == "constrained" else FreeDecoder)(loaded, processor)
+        return (ConstrainedDecoder if mode == "constrained" else FreeDecoder)(loaded, processor, tax.template)
 
     return make
 
@@ -186,12 +186,12 @@ def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[l
     return done, todo, decoder.forward_calls
 
 
-def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, out: Path,
-                 probs: str | Path | None) -> Path:
+def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | None, template: str | Path | None,
+                 out: Path, probs: str | Path | None) -> Path:
     """No output may be, hold or sit in an input; each must be writable. Returns the rejects file's path."""
     rejects_path = out.with_name(out.stem + ".rejects.csv")
     guard_outputs({"--model": model if model.exists() else None, "--csv": csv, "--images": images,
-                   "--taxonomy": taxonomy},
+                   "--taxonomy": taxonomy, "--template": template},
                   {"--out": out, "--probs": probs, "the rejects file": rejects_path,
                    "the resume file": out.with_name(out.name + ".partial")})
     for what, path in (("--out", out), ("--probs", probs)):
@@ -203,7 +203,7 @@ def _guard_paths(model: Path, csv: Path, images: Path, taxonomy: str | Path | No
 def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | Path,
             taxonomy: str | Path | None = None, batch_size: int = 8, probs: str | Path | None = None,
             mode: str = "constrained", image_pattern: str = DEFAULT_IMAGE_PATTERN, dtype: str = "auto",
-            device: str | None = None, num_processes: int = 1,
+            device: str | None = None, num_processes: int = 1, template: str | Path | None = None,
             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the submission CSV (and `<out stem>.rejects.csv`, and `probs` if given); returns a summary.
 
@@ -227,7 +227,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
     default_device(device)
-    rejects_path = _guard_paths(Path(model), csv, images, taxonomy, out, probs)
+    rejects_path = _guard_paths(Path(model), csv, images, taxonomy, template, out, probs)
     from vlmtax.heads_predict import heads_run_root
 
     heads_root = heads_run_root(model)
@@ -235,7 +235,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
                           "drop --mode free (classify runs predict with the default mode)")
     vlm_path = inspect_model_dir(model).path if heads_root is None else None
-    tax = load_taxonomy(model, taxonomy)
+    tax = load_taxonomy(model, taxonomy, template)
     frame = read_csv(csv, "test CSV", ["id", "Category"])
 
     rows = plan_rows(frame, tax, images, image_pattern)
@@ -259,7 +259,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
                                              on_batch)
     else:
         argv = [f"--{k.replace('_', '-')}={v}" for k, v in
-                {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy,
+                {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy, "template": template,
                  "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern,
                  "dtype": dtype, "device": device}.items() if v is not None]
         done, todo = decode_launched(shares, out, fingerprint, batches, argv)

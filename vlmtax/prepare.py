@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from vlmtax import __version__
-from vlmtax.answer import answer_segments, render_answer, render_prompt
+from vlmtax.answer import answer_segments, check_layout, render_answer, render_prompt
 from vlmtax.catalogue import (
     DEFAULT_IMAGE_PATTERN,
     MIN_SIDE,
@@ -28,6 +28,7 @@ from vlmtax.catalogue import (
     geometry_reject,
     read_category_attributes,
     row_images,
+    undeclared_labels,
 )
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import check_writable, file_sha256, guard_outputs, read_csv
@@ -41,9 +42,11 @@ from vlmtax.prepare_write import (
     write_rejects_only,
 )
 from vlmtax.taxonomy import DEFAULT_FILLER, SLOT_COLUMNS, Remap, Taxonomy, build_taxonomy, normalise
+from vlmtax.template import Template, load_template
 
 FORMATS = ("sharegpt", "alpaca")
 MISSING_RULES = ("mode", "mask", "skip")
+MAP_UNKNOWN = ("mode", "reject")
 
 
 @dataclass
@@ -81,11 +84,17 @@ def prepare(
     verify_images: str = "fast",
     image_cache: bool = True,
     trust_remote_code: bool = False,
+    template: str | Path | None = None,
+    map_unknown: str = "reject",
 ) -> dict[str, Any]:
     """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
     csv, images, out = Path(csv), Path(images), Path(out)
     _check_options(format, missing, verify_images, val_fraction, images)
-    guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model}, {"--out": out})
+    if map_unknown not in MAP_UNKNOWN:
+        raise VlmtaxError(f"unknown --map-unknown rule {map_unknown!r}", f"use one of {', '.join(MAP_UNKNOWN)}")
+    guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model,
+                   "--template": template}, {"--out": out})
+    chosen = load_template(template) if template is not None else Template()
     check_writable(out, "--out", "dir")
     filler = normalise(filler) or DEFAULT_FILLER
     frame, spec, declared = _read_inputs(csv, attributes, remaps)
@@ -96,9 +105,13 @@ def prepare(
     verdicts = Verdicts(_row_rejects(frame, spec.attributes), [""] * len(frame))
     paths, sizes = _resolve_images(frame, images, image_pattern, verdicts, _min_side(processor),
                                    workers=workers, verify=verify_images, image_cache=image_cache)
-    taxonomy = build_taxonomy(frame.iloc[verdicts.live()], spec.attributes, declared, filler)
+    unknown = _out_of_schema(frame, spec, verdicts, map_unknown)
+    taxonomy = build_taxonomy(frame.iloc[verdicts.live()], spec.attributes, declared, filler, spec.values)
+    taxonomy.template = chosen
+    check_layout(chosen, taxonomy)
     _check_filler(taxonomy)
     rows = frame.to_dict("records")  # plain dicts: row access by position is far cheaper than .iloc
+    _map_to_mode(rows, unknown, taxonomy)
     records_meta, filled_counts = _fill(rows, taxonomy, missing, verdicts)
     n_tokens: dict[int, int] = {}
     if processor is not None:
@@ -115,7 +128,7 @@ def prepare(
     meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
             "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
             "image_pattern": image_pattern, "verify_images": verify_images,
-            "model": str(model) if model else None,
+            "model": str(model) if model else None, "template": chosen.name, "map_unknown": map_unknown,
             "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
     write_dataset(out, format, train, val, report, taxonomy, frame.iloc[val_rows], rejects, meta)
     return report
@@ -218,6 +231,27 @@ def _fill(rows: list[dict[str, Any]], taxonomy: Taxonomy, missing: str,
     return records_meta, filled_counts
 
 
+def _out_of_schema(frame: pd.DataFrame, spec: CategoryAttributes, verdicts: Verdicts,
+                   map_unknown: str) -> list[tuple[int, str, str]]:
+    """Labels outside an attribute's declared `values:`: reject the row (`value_not_in_schema`), or clear the
+    label (so it counts for nothing) and return the (row, column, attribute) cells to set to the mode."""
+    cells = []
+    for i, column, attr, value in undeclared_labels(frame, spec, verdicts.live()):
+        if map_unknown == "reject":
+            if verdicts.reasons[i] is None:
+                verdicts.reject(i, "value_not_in_schema", f"{attr}={value!r} is not a declared value")
+        else:
+            frame.iloc[i, frame.columns.get_loc(column)] = None
+            cells.append((i, column, attr))
+    return cells
+
+
+def _map_to_mode(rows: list[dict[str, Any]], cells: list[tuple[int, str, str]], taxonomy: Taxonomy) -> None:
+    for i, column, attr in cells:
+        cat = taxonomy.categories[rows[i]["Category"]]
+        rows[i][column] = next(a.mode for a in cat.attributes if a.name == attr)
+
+
 def _apply_budget(records_meta: list[tuple[int, dict[str, str], list[str]]], n_tokens: dict[int, int],
                   max_length: int, verdicts: Verdicts) -> list[tuple[int, dict[str, str], list[str]]]:
     """A record that does not fit would have to be truncated through its image tokens: reject it."""
@@ -260,7 +294,8 @@ def _split(fmt: str, rows: list[dict[str, Any]], taxonomy: Taxonomy,
         meta = {"id": rows[i]["id"], "category": cat.name, "attributes": values, "masked": masked}
         if i in n_tokens:
             meta["n_tokens"] = n_tokens[i]
-        rec = make_record(fmt, render_prompt(cat), render_answer(cat, values), str(paths[i]), meta)
+        rec = make_record(fmt, render_prompt(cat, taxonomy.template), render_answer(cat, values, taxonomy.template),
+                          str(paths[i]), meta, taxonomy.template.system)
         (val if is_val[i] else train).append(rec)
     return train, val, kept, [i for i in kept if is_val[i]]
 
@@ -319,11 +354,12 @@ def _load_processor(model: str | Path, trust_remote_code: bool) -> Any:
 def _count_tokens(processor, taxonomy, frame, records_meta, sizes, min_pixels, max_pixels) -> dict[int, int]:
     from vlmtax.chat import TokenCounter
 
-    counter = TokenCounter(processor, min_pixels, max_pixels)
+    template = taxonomy.template
+    counter = TokenCounter(processor, min_pixels, max_pixels, template.system)
     counts: dict[int, int] = {}
     for i, values, _ in records_meta:
         cat = taxonomy.categories[frame["Category"].iat[i]]
-        counts[i] = counter.count(render_prompt(cat), answer_segments(cat, values), *sizes[i])
+        counts[i] = counter.count(render_prompt(cat, template), answer_segments(cat, values, template), *sizes[i])
     return counts
 
 

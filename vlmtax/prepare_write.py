@@ -55,26 +55,31 @@ def check_out_dir(out: Path, fingerprint: dict[str, Any]) -> None:
         )
 
 
-def make_record(fmt: str, prompt: str, answer: str, image: str, meta: dict[str, Any]) -> dict[str, Any]:
+def make_record(fmt: str, prompt: str, answer: str, image: str, meta: dict[str, Any],
+                system: str | None = None) -> dict[str, Any]:
+    """One training record; the template's system text, if any, as LLaMA-Factory reads it."""
     if fmt == "sharegpt":
-        rec = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        head = [] if system is None else [{"role": "system", "content": system}]
+        rec = {"messages": head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
     else:
-        rec = {"instruction": prompt, "input": "", "output": answer}
+        rec = {"instruction": prompt, "input": "", "output": answer, **({} if system is None else {"system": system})}
     rec["images"] = [image]
     rec.update(meta)
     return rec
 
 
-def _dataset_info(fmt: str) -> dict[str, Any]:
+def _dataset_info(fmt: str, system: bool) -> dict[str, Any]:
+    """LLaMA-Factory's dataset_info.json for the records (an Alpaca `system` column only where records hold one)."""
     if fmt == "sharegpt":
         entry = {
             "formatting": "sharegpt",
             "columns": {"messages": "messages", "images": "images"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "system_tag": "system"},
         }
     else:
-        entry = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output",
-                                                    "images": "images"}}
+        columns = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
+        entry = {"formatting": "alpaca", "columns": {**columns, **({"system": "system"} if system else {})}}
     return {"vlmtax_train": {"file_name": "train.json", **entry}, "vlmtax_val": {"file_name": "val.json", **entry}}
 
 
@@ -83,7 +88,8 @@ def write_dataset(out: Path, fmt: str, train: list[dict[str, Any]], val: list[di
                   meta: dict[str, Any]) -> None:
     """Every output file at once: --out holds all of them or is left as it was."""
     with atomic_dir(out) as tmp:
-        for name, obj in (("train.json", train), ("val.json", val), ("dataset_info.json", _dataset_info(fmt)),
+        info = _dataset_info(fmt, taxonomy.template.system is not None)
+        for name, obj in (("train.json", train), ("val.json", val), ("dataset_info.json", info),
                           ("report.json", report)):
             # No indent: json's C encoder only runs without one (7x faster on a 70k-row catalogue).
             write_json(tmp / name, obj, indent=None)

@@ -30,7 +30,7 @@ def record_prompt_answer(rec: dict[str, Any]) -> tuple[str, str]:
 def record_values(rec: dict[str, Any], taxonomy: Taxonomy) -> dict[str, str]:
     """Attribute values of a record: its `attributes` field, or its answer text parsed back."""
     category = taxonomy.category(rec["category"])
-    values = rec.get("attributes") or parse_answer(record_prompt_answer(rec)[1], category)
+    values = rec.get("attributes") or parse_answer(record_prompt_answer(rec)[1], category, taxonomy.template)
     gaps = [a.name for a in category.attributes if not values.get(a.name)]
     if gaps:
         raise VlmtaxError(f"record {rec.get('id')} has no value for {', '.join(gaps)}", "re-run `vlmtax prepare`")

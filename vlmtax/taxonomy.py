@@ -2,7 +2,8 @@
 
 Written by `prepare` as taxonomy.json, copied into every run dir, read by `predict` and `score`.
 The order of a category's attributes is the order used in prompts and answers (after remaps);
-each attribute also records the CSV column it came from so that predictions land back there.
+each attribute also records the CSV column it came from so that predictions land back there. It also
+carries the prompt/answer template (template.py), so every run dir holds the one it was trained with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import read_json, write_json
+from vlmtax.template import Template
 
 N_SLOTS = 10
 SLOT_COLUMNS = [f"attr_{i}" for i in range(1, N_SLOTS + 1)]
@@ -75,6 +77,8 @@ class Taxonomy(BaseModel):
     filler: str = DEFAULT_FILLER
     remaps: list[Remap] = Field(default_factory=list)
     categories: dict[str, Category]
+    # The prompt/answer template the data was rendered with (a taxonomy without one predates templates: lines).
+    template: Template = Field(default_factory=Template)
 
     def category(self, name: str) -> Category:
         try:
@@ -123,8 +127,10 @@ def build_taxonomy(
     category_attributes: dict[str, list[str]],
     remaps: list[Remap],
     filler: str = DEFAULT_FILLER,
+    declared: dict[str, dict[str, list[str]]] | None = None,
 ) -> Taxonomy:
-    """Learn each attribute's vocabulary from already-normalised catalogue rows.
+    """Learn each attribute's vocabulary from already-normalised catalogue rows; an attribute with declared
+    values keeps exactly those (seen ones most frequent first, then the unseen ones, count 0: still allowed).
 
     A remap swaps which CSV column feeds which position: after `Sarees:attr_1<->attr_4` the first
     attribute of Sarees is `color` read from attr_4, and predict writes it back to attr_4.
@@ -138,6 +144,9 @@ def build_taxonomy(
             counter = Counter(v for v in rows[column] if isinstance(v, str)) if column in rows else Counter()
             # Most frequent first; ties broken alphabetically so the mode is deterministic.
             ordered = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+            closed = (declared or {}).get(name, {}).get(attr_name)
+            if closed is not None:
+                ordered += [(v, 0) for v in closed if v not in counter]
             values = [v for v, _ in ordered] or [filler]
             attrs.append(
                 Attribute(name=attr_name, column=column, values=values, counts=dict(ordered), mode=values[0])
