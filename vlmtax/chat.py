@@ -30,8 +30,10 @@ def user_messages(prompt: str) -> list[dict[str, Any]]:
 
 
 def prompt_text(processor: Any, prompt: str) -> str:
-    """The templated user turn plus the assistant header, ready for the answer tokens."""
-    return processor.apply_chat_template(user_messages(prompt), tokenize=False, add_generation_prompt=True)
+    """The templated user turn plus the assistant header, ready for the answer tokens. Thinking off: Qwen3.5's
+    template then closes an empty think block, so the answer follows directly (other templates ignore it)."""
+    return processor.apply_chat_template(user_messages(prompt), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
 
 
 class SegmentTokenizer:

@@ -32,6 +32,7 @@ import torch
 from vlmtax.answer import VALUE_PREFIX, key_text, parse_answer, render_prompt, snap
 from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.errors import VlmtaxError
+from vlmtax.families import family_of
 from vlmtax.taxonomy import Category
 
 # fp32 logits scored at once (16 MiB): 27 positions of Qwen2-VL's 151,936-token vocabulary.
@@ -136,25 +137,20 @@ class ConstrainedDecoder:
         self.vocab_size = self.head.weight.shape[0]
         self.plans = AnswerPlans(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
-        self.mrope = hasattr(model.model, "get_rope_index")
+        self.family = family_of(model)
         self.forward_calls = 0
-
-    def _positions(self, pos: torch.Tensor) -> torch.Tensor:
-        return pos[None].expand(3, -1, -1) if self.mrope else pos
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded prompt inputs with their (M-RoPE) positions, and each row's next text position."""
         enc = encode_prompts(self.processor, images, categories, self.model.device)
         mask2d = enc["attention_mask"]
-        if self.mrope and "image_grid_thw" in enc:
-            pos, deltas = self.model.model.get_rope_index(
-                enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
-                attention_mask=mask2d)
+        text = (mask2d.cumsum(-1) - 1).clamp(min=0)
+        if "image_grid_thw" in enc:
+            mrope, deltas = self.family.rope_index(self.model, enc)
             next_pos = mask2d.sum(-1) + deltas.view(-1)
         else:
-            pos = self._positions((mask2d.cumsum(-1) - 1).clamp(min=0))
-            next_pos = mask2d.sum(-1)
-        enc["position_ids"] = pos
+            mrope, next_pos = None, mask2d.sum(-1)
+        enc["position_ids"] = self.family.positions(text, mrope)
         return enc, next_pos
 
     @torch.no_grad()
@@ -227,7 +223,7 @@ class ConstrainedDecoder:
             valid.append([k < n_values for k in range(k_max)])
         device = next_pos.device
         as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        ids, group, pos = as_t(ids), as_t(group), self._positions(as_t(pos))
+        ids, group, pos = as_t(ids), as_t(group), self.family.positions(as_t(pos))
         kwargs: dict[str, Any] = {"past_key_values": cache}
         if prompt is not None:  # the prompt joins the first step: it is forced text with the prompt's positions
             width = prompt["input_ids"].shape[1]
