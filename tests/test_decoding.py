@@ -97,6 +97,28 @@ def test_scores_equal_a_teacher_forced_forward_pass(trained, rows):
             assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_scores_equal_teacher_forcing_in_every_tree_mask_family(family, family_model_dirs, rows):
+    """The decoder's positions (rope index, DeepStack, interleaved M-RoPE) and mask hold in each family."""
+    model, processor = load_for_inference(family_model_dirs[family])[:2]
+    images, categories = rows
+    images, categories = images[:4], categories[:4]
+    decoder = ConstrainedDecoder(model, processor)
+    results = decoder.decode(images, categories)
+    _assert_allowed(results, categories)
+    assert decoder.forward_calls == max(len(c.attributes) for c in categories)
+    for image, cat, res in zip(images, categories, results):
+        forced = _teacher_forced(model, processor, image, cat, res.values)
+        for attr in cat.attributes:
+            chosen = res.logliks[attr.name][attr.values.index(res.values[attr.name])]
+            assert chosen == pytest.approx(forced[attr.name], abs=1e-4)
+    image, cat, res = images[1], categories[1], results[1]
+    attr = cat.attributes[0]
+    for k, value in enumerate(attr.values[:4]):
+        forced = _teacher_forced(model, processor, image, cat, {**res.values, attr.name: value})
+        assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
+
+
 def test_plan_tokens_are_the_training_tokens(untrained, taxonomy):
     _, processor = untrained
     plans, seg = AnswerPlans(processor.tokenizer), SegmentTokenizer(processor.tokenizer)

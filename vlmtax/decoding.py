@@ -138,6 +138,10 @@ class ConstrainedDecoder:
         self.plans = AnswerPlans(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
         self.family = family_of(model)
+        if not self.family.tree_mask:
+            raise VlmtaxError(f"constrained decoding of {self.family.label} is not available yet: its linear-attention "
+                              "layers are recurrences, through which candidates laid side by side would read each "
+                              "other's state", "predict with --mode free")
         self.forward_calls = 0
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
