@@ -44,17 +44,23 @@ def test_sft_merge_predict_on_each_family(family, family_model_dirs, prepared_di
     check = json.loads((merged / "vlmtax_meta.json").read_text())["verification"]
     assert check["merged_vs_adapter"] <= check["tolerance"] and check["reloaded_vs_adapter"] <= check["tolerance"]
 
-    mode = "constrained" if TABLE[family].tree_mask else "free"
-    out = tmp_path / "sub.csv"
-    predict(model=merged, csv=synth_dir / "test.csv", images=synth_dir / "test_images", out=out,
-            probs=tmp_path / "probs.jsonl" if mode == "constrained" else None, batch_size=8, mode=mode)
     taxonomy = Taxonomy.load(merged / "taxonomy.json")
-    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert sub["id"].tolist() == pd.read_csv(synth_dir / "test.csv", dtype=str)["id"].tolist()
-    for _, row in sub.iterrows():
-        cat = taxonomy.category(row["Category"])
-        assert all(row[a.column] in a.values for a in cat.attributes)
-        assert all(row[c] == taxonomy.filler for c in SLOT_COLUMNS if c not in {a.column for a in cat.attributes})
+    for mode in ("constrained", "free"):  # Qwen3.5 decodes constrained through decoding_rows.py
+        out = tmp_path / f"{mode}.csv"
+        predict(model=merged, csv=synth_dir / "test.csv", images=synth_dir / "test_images", out=out,
+                probs=tmp_path / "probs.jsonl" if mode == "constrained" else None, batch_size=8, mode=mode)
+        sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert sub["id"].tolist() == pd.read_csv(synth_dir / "test.csv", dtype=str)["id"].tolist()
+        for _, row in sub.iterrows():
+            cat = taxonomy.category(row["Category"])
+            assert all(row[a.column] in a.values for a in cat.attributes)
+            used = {a.column for a in cat.attributes}
+            assert all(row[c] == taxonomy.filler for c in SLOT_COLUMNS if c not in used)
+    probs = [json.loads(line) for line in (tmp_path / "probs.jsonl").read_text().splitlines()]
+    for line in probs:
+        for attr in line["attributes"].values():
+            assert abs(sum(attr["probs"].values()) - 1) < 1e-4 and attr["value"] == max(attr["probs"],
+                                                                                        key=attr["probs"].get)
 
 
 def test_lora_targets_that_wrap_nothing_are_refused(family_model_dirs, prepared_dir, tmp_path):

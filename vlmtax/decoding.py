@@ -20,6 +20,8 @@ row (values never get cache copies of the prompt). Value scores are `logit[targe
 over chunks of positions, so the full (rows, values' tokens, vocabulary) logits never exist at once.
 
 Every piece is tokenised segment by segment with `chat.SegmentTokenizer`, exactly as in training.
+A family whose layers are not all attention (Qwen3.5's linear-attention recurrences: `families.py`, tree_mask)
+cannot lay values side by side; `decoding_rows.py` gives each value its own row instead, with the same scores.
 """
 
 from __future__ import annotations
@@ -138,10 +140,6 @@ class ConstrainedDecoder:
         self.plans = AnswerPlans(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
         self.family = family_of(model)
-        if not self.family.tree_mask:
-            raise VlmtaxError(f"constrained decoding of {self.family.label} is not available yet: its linear-attention "
-                              "layers are recurrences, through which candidates laid side by side would read each "
-                              "other's state", "predict with --mode free")
         self.forward_calls = 0
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -157,8 +155,21 @@ class ConstrainedDecoder:
         enc["position_ids"] = self.family.positions(text, mrope)
         return enc, next_pos
 
+    def check_finite(self, scores: torch.Tensor, slot: Slot) -> None:
+        if not torch.isfinite(scores).all():
+            raise VlmtaxError(
+                f"non-finite value scores while decoding in {str(self.model.dtype).removeprefix('torch.')} "
+                f"(attribute {slot.attribute!r}): the activations overflowed",
+                "predict with --dtype fp32 (or bf16 on a GPU that has it); fp16 overflows in Qwen2-VL")
+
     @torch.no_grad()
     def decode(self, images: list[Any], categories: list[Category]) -> list[RowResult]:
+        """The allowed value of every attribute of every row, with each value's score. Families whose layers are all
+        attention score all candidates in one tree-masked forward; the others a row of candidates each."""
+        if not self.family.tree_mask:
+            from vlmtax.decoding_rows import decode_rowwise
+
+            return decode_rowwise(self, images, categories)
         prompt, next_pos = self._prompt(images, categories)
         plans = [self.plans(c) for c in categories]
         results = [RowResult(values={}) for _ in categories]
@@ -246,11 +257,7 @@ class ConstrainedDecoder:
         sums = torch.zeros((len(slots), k_max + 1), device=device).scatter_add_(1, as_t(owner), token_lp)
         valid_t = as_t(valid).bool()
         scores = first_lp + sums[:, :k_max]
-        if not torch.isfinite(scores[valid_t]).all():
-            raise VlmtaxError(
-                f"non-finite value scores while decoding in {str(self.model.dtype).removeprefix('torch.')} "
-                f"(attribute {slots[0].attribute!r}): the activations overflowed",
-                "predict with --dtype fp32 (or bf16 on a GPU that has it); fp16 overflows in Qwen2-VL")
+        self.check_finite(scores[valid_t], slots[0])
         scores = scores.masked_fill(~valid_t, float("-inf")).cpu()
         cache = out.past_key_values
         cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text

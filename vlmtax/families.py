@@ -32,7 +32,6 @@ class Family:
     projector: tuple[str, ...]  # modules mapping vision features into the language model (merger, DeepStack)
     liger_patch: str  # liger_kernel.transformers function that patches this family
     liger_rope: bool  # whether that patch has a RoPE kernel for this family's rotary embedding
-    position_rows: int  # rows of position_ids the language model takes: (t, h, w), or (text, t, h, w)
     tree_mask: bool  # every decoder layer is attention: candidates may sit side by side under a tree mask
 
     @property
@@ -56,23 +55,23 @@ class Family:
         return model.model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
                                           image_grid_thw=enc["image_grid_thw"], attention_mask=enc["attention_mask"])
 
-    def positions(self, text: torch.Tensor, mrope: torch.Tensor | None = None) -> torch.Tensor:
-        """position_ids for the language model from (rows, L) text positions, or (3, rows, L) M-RoPE ones."""
-        rows = mrope if mrope is not None else text[None].expand(3, -1, -1)
-        return torch.cat([text[None], rows]) if self.position_rows == 4 else rows
+    @staticmethod
+    def positions(text: torch.Tensor, mrope: torch.Tensor | None = None) -> torch.Tensor:
+        """(3, rows, L) position_ids from (rows, L) text positions, or the M-RoPE ones. Qwen3.5 also takes a fourth,
+        leading text row, used only to build its masks; without it the model builds them as in a plain forward."""
+        return mrope if mrope is not None else text[None].expand(3, -1, -1)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2_vl", "Qwen2-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "fc1", "fc2"), ("merger",),
-           "apply_liger_kernel_to_qwen2_vl", True, 3, True),
+           "apply_liger_kernel_to_qwen2_vl", True, True),
     Family("qwen2_5_vl", "Qwen2.5-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj") + MLP_LINEAR, ("merger",),
-           "apply_liger_kernel_to_qwen2_5_vl", True, 3, True),
+           "apply_liger_kernel_to_qwen2_5_vl", True, True),
     Family("qwen3_vl", "Qwen3-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "linear_fc1", "linear_fc2"),
-           ("merger", "deepstack_merger_list"), "apply_liger_kernel_to_qwen3_vl", True, 3, True),
-    # Hybrid: three of every four layers are gated-delta-net recurrences, so no tree mask (decoding.py).
+           ("merger", "deepstack_merger_list"), "apply_liger_kernel_to_qwen3_vl", True, True),
+    # Hybrid: three of every four layers are gated-delta-net recurrences, so no tree mask (decoding_rows.py).
     Family("qwen3_5", "Qwen3.5", ATTENTION_LINEAR + MLP_LINEAR + DELTANET_LINEAR,
-           ("qkv", "proj", "linear_fc1", "linear_fc2"), ("merger",), "apply_liger_kernel_to_qwen3_5", False, 4,
-           False),
+           ("qkv", "proj", "linear_fc1", "linear_fc2"), ("merger",), "apply_liger_kernel_to_qwen3_5", False, False),
 )}
 
 
