@@ -7,8 +7,8 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import FAMILIES, TINY_RECIPE, tiny_overrides
+
 from vlmtax.errors import VlmtaxError
 from vlmtax.families import FAMILIES as TABLE
 from vlmtax.merge import merge

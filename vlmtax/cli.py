@@ -38,6 +38,7 @@ VerifyImages = _choices("VerifyImages", "fast", "full")
 DType = _choices("DType", "auto", "bf16", "fp16", "fp32")
 Mode = _choices("Mode", "constrained", "free")
 Family = _choices("Family", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "clip", "siglip")
+DemoFamily = _choices("DemoFamily", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 @app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
@@ -252,7 +253,10 @@ def ensemble(
 
 @app.command()
 def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (kept stages are reused).")] = Path(
-        "demo_work")) -> None:
+        "demo_work"),
+         family: Annotated[DemoFamily, typer.Option(
+             help="VLM family of the tiny model; another than qwen2_vl runs the generate route only, its files "
+                  "named ...-FAMILY in --workdir.")] = DemoFamily.qwen2_vl) -> None:
     """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU.
 
     synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
@@ -262,7 +266,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """
     from vlmtax.demo import demo as run
 
-    run(workdir)
+    run(workdir, family=family.value)
 
 
 def main(argv: list[str] | None = None) -> None:

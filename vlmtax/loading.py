@@ -176,7 +176,8 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
-        family_of(AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code), f"{what} {source}")
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        family_of(config, f"{what} {source}")
         # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
         return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
                                                            trust_remote_code=trust_remote_code, **extra)

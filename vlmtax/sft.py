@@ -27,7 +27,6 @@ from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
 
-
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
     """bf16 where the GPU has it, fp16 on older GPUs (T4, V100), fp32 on the CPU."""
     if recipe.precision == "auto":

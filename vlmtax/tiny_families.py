@@ -7,8 +7,9 @@ Qwen3.5's small multimodal ones) at toy sizes: the same config classes and field
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from vlmtax.tiny_templates import QWEN2_VL_TEMPLATE, QWEN3_5_TEMPLATE, QWEN3_VL_TEMPLATE
 
