@@ -13,9 +13,9 @@ above its level before the call, the peak reset through /proc/self/clear_refs).
 `--family` runs the speed part on each family's tiny model in turn. Targets: constrained >= 2x the rows/s
 of plain generate at each batch size; forward calls per batch <= the most attributes of a category in the
 batch + 2 (families that tree-mask; Qwen3.5's row-per-candidate decoder: 2 per attribute of each row);
-2 processes >= 1.4x the rows/s of one; constrained peak memory <= 2x generate's. Exits 1 if a target is missed. Each mode decodes the same batches once
-after one warm-up batch; forward calls are counted on the language model, so `generate` and
-constrained decoding are counted alike.
+2 processes >= 1.4x the rows/s of one; constrained peak memory <= 2x generate's. Exits 1 if a target is
+missed. Each mode decodes the same batches once after one warm-up batch; forward calls are counted on the
+language model, so `generate` and constrained decoding are counted alike.
 """
 
 from __future__ import annotations

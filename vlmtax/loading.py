@@ -187,7 +187,8 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
     except (OSError, ValueError) as exc:
         first = first_line(exc)
         raise VlmtaxError(f"cannot load {what} {source}: {first}",
-                          f"check the folder (no hub access here?) and that it holds a model of: {supported()}") from None
+                          f"check the folder (no hub access here?) and that it holds a model of: {supported()}"
+                          ) from None
 
 
 def attach_adapter(base: Any, model_dir: ModelDir) -> Any:
