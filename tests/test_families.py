@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import torch
 import pytest
 from conftest import FAMILIES, TINY_RECIPE, tiny_overrides
 
@@ -68,3 +69,20 @@ def test_lora_targets_that_wrap_nothing_are_refused(family_model_dirs, prepared_
     with pytest.raises(VlmtaxError, match="matches no linear layer of the language model"):
         sft(TINY_RECIPE, tiny_overrides(family_model_dirs["qwen3_5"], prepared_dir, tmp_path / "r",
                                         "finetuning=lora", "lora.target=[conv1d]"))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_vl"])
+def test_full_finetuning_with_a_frozen_tower_trains_the_language_model_only(family, family_model_dirs, prepared_dir,
+                                                                            tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    base_dir = family_model_dirs[family]
+    run = sft(TINY_RECIPE, tiny_overrides(base_dir, prepared_dir, tmp_path / "full", "finetuning=full",
+                                          "freeze.vision=true", "freeze.projector=true", "train.max_steps=2",
+                                          "train.batch_size=4"))
+    assert "trainable tensors: language" in capsys.readouterr().out
+    # Compared as loaded: Qwen2.5-VL saves its weights under the older checkpoint names.
+    base, tuned = (dict(AutoModelForImageTextToText.from_pretrained(d).named_parameters()) for d in (base_dir, run))
+    part = TABLE[family].part
+    changed = {part(name) for name, w in tuned.items() if not torch.equal(w, base[name])}
+    assert "language" in changed and not changed & {"vision", "projector"}
