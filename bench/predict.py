@@ -2,6 +2,7 @@
 
     python bench/predict.py                      # tiny random Qwen2-VL + synthetic test rows, built in a temp dir
     python bench/predict.py --model RUN_OR_MERGED_DIR --csv test.csv --images test_images/
+    python bench/predict.py --family qwen2_vl,qwen2_5_vl,qwen3_vl,qwen3_5 --scale-rows 0 --memory-batch 0
 
 Prints rows/s and model forward calls per row and per batch for each mode at batch 8 and 16, and the
 ratios; then `predict --num-processes 2` vs one process (wall clock); then peak memory of constrained
@@ -9,11 +10,12 @@ decoding vs plain generate on one batch of 16 rows of a tiny model whose embeddi
 Qwen2-VL's 151,936 tokens (`torch.cuda.max_memory_allocated` on a GPU; on the CPU the process' peak RSS
 above its level before the call, the peak reset through /proc/self/clear_refs).
 
-Targets: constrained >= 2x the rows/s of plain generate at each batch size; forward calls per batch <=
-the most attributes of a category in the batch + 2; 2 processes >= 1.4x the rows/s of one; constrained
-peak memory <= 2x generate's. Exits 1 if a target is missed. Each mode decodes the same batches once
-after one warm-up batch; forward calls are counted on the language model, so `generate` and
-constrained decoding are counted alike.
+`--family` runs the speed part on each family's tiny model in turn. Targets: constrained >= 2x the rows/s
+of plain generate at each batch size; forward calls per batch <= the most attributes of a category in the
+batch + 2 (families that tree-mask; Qwen3.5's row-per-candidate decoder: 2 per attribute of each row);
+2 processes >= 1.4x the rows/s of one; constrained peak memory <= 2x generate's. Exits 1 if a target is
+missed. Each mode decodes the same batches once after one warm-up batch; forward calls are counted on the
+language model, so `generate` and constrained decoding are counted alike.
 """
 
 from __future__ import annotations
@@ -38,20 +40,23 @@ from vlmtax.loading import load_for_inference, load_taxonomy  # noqa: E402
 from vlmtax.predict import make_batches, plan_rows  # noqa: E402
 
 
-def _setup(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path, Path | None]:
+def _setup(args: argparse.Namespace, work: Path, family: str = "qwen2_vl") -> tuple[Path, Path, Path, Path | None]:
     if args.model and args.csv:
         return Path(args.model), Path(args.csv), Path(args.images), args.taxonomy
     from vlmtax.prepare import prepare
     from vlmtax.synth import synth
     from vlmtax.tiny_model import build_tiny_model
 
-    data = synth(work / "syn", rows=60, test_rows=args.rows, seed=0)
-    model = Path(args.model) if args.model else build_tiny_model(work / "tiny", seed=0)
+    data = work / "syn"
+    if not data.is_dir():
+        synth(data, rows=60, test_rows=args.rows, seed=0)
+    model = Path(args.model) if args.model else build_tiny_model(work / f"tiny-{family}", seed=0, family=family)
     taxonomy = args.taxonomy
     if taxonomy is None and not (model / "taxonomy.json").is_file():
         prep = work / "prep"
-        prepare(csv=data / "train.csv", images=data / "train_images", attributes=data / "category_attributes.parquet",
-                out=prep, val_fraction=0.0)
+        if not prep.is_dir():
+            prepare(csv=data / "train.csv", images=data / "train_images",
+                    attributes=data / "category_attributes.parquet", out=prep, val_fraction=0.0)
         taxonomy = prep / "taxonomy.json"
     return model, data / "test.csv", data / "test_images", taxonomy
 
@@ -128,15 +133,18 @@ def _batches(rows, batch_size: int) -> list:
 
 def speed(model, processor, rows, batch_size: int, rounds: int) -> tuple[bool, float]:
     batches = _batches(rows, batch_size)
-    bound = [max(len(c.attributes) for c in cats) + 2 for _, cats in batches]
     plans = AnswerPlans(processor.tokenizer)
     decoder = ConstrainedDecoder(model, processor)
+    tree = decoder.family.tree_mask
+    bound = [max(len(c.attributes) for c in cats) + 2 if tree else 2 * sum(len(c.attributes) for c in cats) + 2
+             for _, cats in batches]
     modes = {"constrained": decoder.decode,
              "free": lambda i, c: free_decode(model, processor, i, c, plans),
              "generate": lambda i, c: generate_answers(model, processor, i, c, plans)}
     results = measure(modes, batches, model, rounds)
     n_rows = sum(len(i) for i, _ in batches)
-    print(f"\n{n_rows} rows, batch size {batch_size}, {len(batches)} batches, best of {rounds} rounds, "
+    print(f"\n{decoder.family.label} ({'tree mask' if tree else 'a row per candidate'}): "
+          f"{n_rows} rows, batch size {batch_size}, {len(batches)} batches, best of {rounds} rounds, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'mode':<12} {'rows/s':>9} {'forwards/row':>13} {'max forwards/batch':>19}")
     for r in results:
@@ -145,12 +153,12 @@ def speed(model, processor, rows, batch_size: int, rounds: int) -> tuple[bool, f
     con, free, gen = results
     ratio = con["rows_per_s"] / gen["rows_per_s"]
     within = all(n <= b for n, b in zip(con["forwards_per_batch"], bound))
-    print(f"batch {batch_size}: constrained / generate rows/s: {ratio:.2f}x (target >= 2x)")
+    print(f"{decoder.family.name} batch {batch_size}: constrained / generate rows/s: {ratio:.2f}x (target >= 2x)")
     print(f"batch {batch_size}: free / generate rows/s: {free['rows_per_s'] / gen['rows_per_s']:.2f}x")
     print(f"generate / constrained forwards per row: {gen['forwards_per_row'] / con['forwards_per_row']:.2f}x")
     extra = max(n - (b - 2) for n, b in zip(con["forwards_per_batch"], bound))
-    print(f"constrained forwards per batch <= max attributes + 2 in every batch: {within} "
-          f"(at most max attributes + {extra})")
+    print(f"constrained forwards per batch within the bound in every batch: {within}"
+          + (f" (at most max attributes + {extra})" if tree else ""))
     return ratio >= 2 and within, ratio
 
 
@@ -199,6 +207,8 @@ def main() -> int:
     ap.add_argument("--csv", help="test CSV (default: synthetic)")
     ap.add_argument("--images", help="test images folder")
     ap.add_argument("--taxonomy", type=Path, help="taxonomy.json (default: the model dir's)")
+    ap.add_argument("--family", default="qwen2_vl",
+                    help="tiny-model families for the speed runs, comma-separated (without --model)")
     ap.add_argument("--rows", type=int, default=64, help="synthetic test rows")
     ap.add_argument("--batch-sizes", default="8,16", help="speed runs, comma-separated")
     ap.add_argument("--memory-batch", type=int, default=16, help="rows in the peak-memory batch (0: skip)")
@@ -213,11 +223,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, csv, images, taxonomy_path = _setup(args, Path(tmp))
-        model, processor, rows = _load(model_path, csv, images, taxonomy_path)
-        print(f"model {model_path}")
-        for batch_size in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-            ok &= speed(model, processor, rows, batch_size, args.rounds)[0]
+        for family in [f.strip() for f in args.family.split(",") if f.strip()]:
+            model_path, csv, images, taxonomy_path = _setup(args, Path(tmp), family)
+            model, processor, rows = _load(model_path, csv, images, taxonomy_path)
+            print(f"model {model_path}")
+            for batch_size in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+                ok &= speed(model, processor, rows, batch_size, args.rounds)[0]
         if args.scale_rows:
             ok &= scale_out(model_path, taxonomy_path, args.scale_rows, Path(tmp)) >= 1.4
         if args.memory_batch:

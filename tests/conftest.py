@@ -58,6 +58,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+# The VLM families every stage is tested on (vlmtax/families.py); qwen2_vl is `tiny_model_dir` itself.
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory, tiny_model_dir) -> dict:
+    """One tiny model per family, each built once per session when a test first asks for it (about 1 s each)."""
+    from vlmtax.tiny_model import build_tiny_model
+
+    root, built = tmp_path_factory.mktemp("families"), {"qwen2_vl": tiny_model_dir}
+
+    class Dirs(dict):
+        def __missing__(self, family: str) -> Path:
+            self[family] = build_tiny_model(root / family, seed=0, family=family)
+            return self[family]
+
+    return Dirs(built)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """80 training rows, 24 test rows (every synthetic category in both), 112 px images."""

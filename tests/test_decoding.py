@@ -106,6 +106,32 @@ def test_scores_equal_a_teacher_forced_forward_pass(run, rows, request):
             assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_scores_equal_teacher_forcing_in_every_family(family, family_model_dirs, rows):
+    """Positions (rope index, DeepStack, interleaved M-RoPE) and the tree mask hold in each attention-only family;
+    Qwen3.5's recurrent layers get a row per candidate instead (decoding_rows.py), scored the same."""
+    model, processor = load_for_inference(family_model_dirs[family])[:2]
+    images, categories = rows
+    images, categories = images[:4], categories[:4]
+    decoder = ConstrainedDecoder(model, processor)
+    results = decoder.decode(images, categories)
+    _assert_allowed(results, categories)
+    tree = decoder.family.tree_mask
+    assert decoder.forward_calls == (max(len(c.attributes) for c in categories) if tree
+                                     else 2 * sum(len(c.attributes) for c in categories))
+    assert [r.values for r in decoder.decode(images[1:2], categories[1:2])] == [results[1].values]
+    for image, cat, res in zip(images, categories, results):
+        forced = _teacher_forced(model, processor, image, cat, res.values)
+        for attr in cat.attributes:
+            chosen = res.logliks[attr.name][attr.values.index(res.values[attr.name])]
+            assert chosen == pytest.approx(forced[attr.name], abs=1e-4)
+    image, cat, res = images[1], categories[1], results[1]
+    attr = cat.attributes[0]
+    for k, value in enumerate(attr.values[:6]):  # alternatives, shorter and longer than the chosen value
+        forced = _teacher_forced(model, processor, image, cat, {**res.values, attr.name: value})
+        assert res.logliks[attr.name][k] == pytest.approx(forced[attr.name], abs=1e-4)
+
+
 @pytest.mark.parametrize("template", ["lines", "json", "json_with_values"])
 def test_plan_tokens_are_the_training_tokens(untrained, taxonomy, template):
     _, processor = untrained

@@ -126,7 +126,7 @@ def test_liger_patch_is_applied_per_family_without_its_loss(tiny_model_dir, tmp_
     model.config.model_type = "llava"
     from vlmtax.sft import apply_liger
 
-    with pytest.raises(VlmtaxError, match="no patch for model type 'llava'"):
+    with pytest.raises(VlmtaxError, match="model type 'llava', which vlmtax does not support"):
         apply_liger(model)
 
 

@@ -22,7 +22,7 @@ def test_trust_remote_code_follows_the_run_metadata(tmp_path: Path, monkeypatch)
         run = tmp_path / f"run-{flag}"
         run.mkdir()
         (run / "vlmtax_meta.json").write_text(json.dumps({"finetuning": "full", "trust_remote_code": flag}))
-        (run / "config.json").write_text("{}")
+        (run / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
         model_dir = loading.inspect_model_dir(run)
         assert model_dir.trust_remote_code is flag
         loading.load_weights(run, torch.float32, trust_remote_code=model_dir.trust_remote_code)

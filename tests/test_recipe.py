@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vlmtax.errors import VlmtaxError
+from vlmtax.families import FAMILIES, family_of
 from vlmtax.loading import Hardware
 from vlmtax.recipe import Recipe, load_recipe
 from vlmtax.sft import (
@@ -90,22 +91,68 @@ def test_qlora_config_that_would_be_passed_to_bitsandbytes():
 
 
 def test_lora_targets_never_hit_vision_blocks_unless_unfrozen():
+    qwen2 = FAMILIES["qwen2_vl"]
     lang = "model.language_model.layers.0.self_attn.q_proj"
     mlp = "model.language_model.layers.1.mlp.down_proj"
     vis = "model.visual.blocks.0.attn.qkv"
     merger = "model.visual.merger.mlp.0"
-    frozen = lora_target_regex(_recipe())
+    frozen = lora_target_regex(_recipe(), qwen2)
     assert re.fullmatch(frozen, lang) and re.fullmatch(frozen, mlp)
     assert not re.fullmatch(frozen, vis) and not re.fullmatch(frozen, merger) and not re.fullmatch(frozen, "lm_head")
-    open_ = lora_target_regex(_recipe(freeze={"vision": False}))
+    open_ = lora_target_regex(_recipe(freeze={"vision": False}), qwen2)
     assert re.fullmatch(open_, vis) and re.fullmatch(open_, "model.visual.blocks.1.mlp.fc2")
-    for qwen25 in ("gate_proj", "up_proj", "down_proj"):  # Qwen2.5-VL's vision MLP
-        assert re.fullmatch(open_, f"model.visual.blocks.3.mlp.{qwen25}")
-        assert not re.fullmatch(frozen, f"model.visual.blocks.3.mlp.{qwen25}")
-    only_q = lora_target_regex(_recipe(lora={"target": ["q_proj"]}))
+    only_q = lora_target_regex(_recipe(lora={"target": ["q_proj"]}), qwen2)
     assert re.fullmatch(only_q, lang) and not re.fullmatch(only_q, mlp)
 
 
-def test_lora_config_trains_projector_when_unfrozen():
-    cfg = lora_config(_recipe(freeze={"projector": False}, lora={"modules_to_save": ["lm_head"], "rank": 4}))
-    assert set(cfg.modules_to_save) == {"lm_head", "merger"} and cfg.r == 4
+@pytest.mark.parametrize(("family", "vision_mlp", "language_extra"), [
+    ("qwen2_5_vl", ("gate_proj", "up_proj", "down_proj"), ()),
+    ("qwen3_vl", ("linear_fc1", "linear_fc2"), ()),
+    ("qwen3_5", ("linear_fc1", "linear_fc2"), ("linear_attn.in_proj_qkv", "linear_attn.out_proj")),
+])
+def test_each_family_targets_its_own_module_names(family, vision_mlp, language_extra):
+    fam = FAMILIES[family]
+    frozen = lora_target_regex(_recipe(), fam)
+    open_ = lora_target_regex(_recipe(freeze={"vision": False}), fam)
+    for leaf in vision_mlp:  # the vision MLP is hit only when the vision tower trains
+        assert re.fullmatch(open_, f"model.visual.blocks.3.mlp.{leaf}")
+        assert not re.fullmatch(frozen, f"model.visual.blocks.3.mlp.{leaf}")
+    for leaf in language_extra:
+        assert re.fullmatch(frozen, f"model.language_model.layers.0.{leaf}")
+    for projector in ("model.visual.merger.linear_fc1", "model.visual.deepstack_merger_list.0.linear_fc2"):
+        assert not re.fullmatch(open_, projector)
+    if family == "qwen3_vl":  # DeepStack mergers are projector: frozen and trained with it
+        assert fam.part("model.visual.deepstack_merger_list.1.norm.weight") == "projector"
+    assert fam.part("model.visual.merger.linear_fc1.weight") == "projector"
+    assert fam.part("model.visual.blocks.0.attn.qkv.weight") == "vision"
+    assert fam.part("model.language_model.layers.0.mlp.up_proj.weight") == "language"
+
+
+def test_an_unsupported_family_is_a_one_line_error_listing_the_supported_ones():
+    from transformers import LlavaConfig
+
+    with pytest.raises(VlmtaxError, match="model type 'llava'.*does not support") as err:
+        family_of(LlavaConfig())
+    assert all(name in err.value.fix for name in FAMILIES)
+
+
+def _skeleton(family: str):
+    """The family's tiny architecture on the meta device: module names without weights or a tokenizer."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtax.tiny_families import TINY_FAMILIES
+    from vlmtax.tiny_model import SPECIAL_TOKENS
+
+    config = TINY_FAMILIES[family].config({t: i for i, t in enumerate(SPECIAL_TOKENS)}, 256)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+@pytest.mark.parametrize(("family", "projector"), [("qwen2_vl", {"merger"}), ("qwen2_5_vl", {"merger"}),
+                                                  ("qwen3_vl", {"merger", "deepstack_merger_list.0"}),
+                                                  ("qwen3_5", {"merger"})])
+def test_lora_config_trains_projector_when_unfrozen(family, projector):
+    model = _skeleton(family)
+    cfg = lora_config(_recipe(freeze={"projector": False}, lora={"modules_to_save": ["lm_head"], "rank": 4}), model)
+    assert set(cfg.modules_to_save) == {"lm_head", *projector} and cfg.r == 4
+    assert lora_config(_recipe(lora={"modules_to_save": []}), model).modules_to_save is None

@@ -63,7 +63,7 @@ def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_
 
 # The GPU recipes differ from tiny_cpu only in values: slow-marked, so the inner loop trains once here.
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", *(pytest.param(n, marks=pytest.mark.slow) for n in (
-    "qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml"))])
+    "qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen3vl_4b.yaml", "qwen35_2b.yaml", "qwen2vl_7b_qlora.yaml"))])
 def test_each_recipe_runs_two_steps_on_the_cpu(name, tiny_model_dir, prepared_dir, tmp_path):
     """Recipes for GPUs run here with their GPU-only features (liger, 4-bit) switched off."""
     extra = ["train.max_steps=2", "train.eval=false", "train.batch_size=2", "train.grad_accum=1",

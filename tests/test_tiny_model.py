@@ -160,5 +160,49 @@ def test_vocab_size_pads_the_embedding(tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 4096
     with pytest.raises(VlmtaxError, match="smaller than the tokenizer"):
         build_tiny_model(tmp_path / "narrow", vocab_size=100)
-    with pytest.raises(VlmtaxError, match="another seed or build"):
+    with pytest.raises(VlmtaxError, match="another seed, family or build"):
         build_tiny_model(out, seed=0)  # the default width is another build
+
+
+@pytest.mark.parametrize(("family", "model_class", "processor_class", "tokenizer_class"), [
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2Tokenizer"),
+    ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen2Tokenizer"),
+    ("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", "Qwen3_5Tokenizer"),
+])
+def test_each_family_reloads_with_its_classes_layout_and_template(family, model_class, processor_class,
+                                                                   tokenizer_class, family_model_dirs):
+    from vlmtax.chat import prompt_text
+    from vlmtax.families import family_of
+
+    folder = family_model_dirs[family]
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert (type(model).__name__, type(processor).__name__, type(processor.tokenizer).__name__) == (
+        model_class, processor_class, tokenizer_class)
+    assert family_of(model).name == model.config.model_type == family
+    names = {n for n, _ in model.named_modules()}
+    if family == "qwen3_vl":
+        assert "model.visual.deepstack_merger_list.0" in names
+    if family == "qwen3_5":  # the hybrid: gated-delta-net layers with one full-attention layer
+        assert model.config.text_config.layer_types.count("full_attention") == 1
+        assert "model.language_model.layers.0.linear_attn.in_proj_qkv" in names
+    if family == "qwen2_5_vl":
+        assert "model.visual.blocks.0.mlp.gate_proj" in names
+    text = prompt_text(processor, "<image>What colour is it?")
+    assert text.startswith("<|im_start|>") and "<|vision_start|><|image_pad|><|vision_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n" if family == "qwen3_5"
+                         else "<|im_start|>assistant\n")
+    enc = processor(text=[text], images=[Image.new("RGB", (112, 112), "red")], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**enc).logits).all()
+    # The tokenizer reloaded from its files tokenises exactly as the one that was trained.
+    answer = "color: navy blue\nsleeve_length: three-quarter sleeves"
+    assert processor.tokenizer.decode(processor.tokenizer.encode(answer, add_special_tokens=False)) == answer
+    assert build_tiny_model(folder, seed=0, family=family) == folder
+    with pytest.raises(VlmtaxError, match="another seed, family or build"):
+        build_tiny_model(folder, seed=0)
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(VlmtaxError, match="unknown tiny-model family 'llava'"):
+        build_tiny_model(tmp_path / "x", family="llava")

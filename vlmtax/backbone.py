@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.families import FAMILIES
 
-QWEN_TOWERS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -76,7 +76,7 @@ def load_encoder(source: str | Path, dtype: torch.dtype = torch.float32, trust_r
     _check_source(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if config.model_type in QWEN_TOWERS:
+        if config.model_type in FAMILIES:
             vlm = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
             tower = vlm.model.visual
             del vlm  # the language model is not needed; only the tower stays referenced

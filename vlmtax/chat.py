@@ -32,8 +32,13 @@ def user_messages(prompt: str, system: str | None = None) -> list[dict[str, Any]
 
 
 def prompt_text(processor: Any, prompt: str, system: str | None = None) -> str:
-    """The templated user turn plus the assistant header, ready for the answer tokens."""
-    return processor.apply_chat_template(user_messages(prompt, system), tokenize=False, add_generation_prompt=True)
+    """The templated user turn (after the template's system text, if any) plus the assistant header, ready
+    for the answer tokens. Thinking off: Qwen3.5's template then closes an empty think block, so the answer
+    follows directly. Passed only to a template that reads it: transformers warns on every call about a
+    keyword the template does not use."""
+    thinking = {"enable_thinking": False} if "enable_thinking" in str(processor.chat_template or "") else {}
+    return processor.apply_chat_template(user_messages(prompt, system), tokenize=False, add_generation_prompt=True,
+                                         **thinking)
 
 
 class SegmentTokenizer:

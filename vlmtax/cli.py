@@ -38,7 +38,8 @@ VerifyImages = _choices("VerifyImages", "fast", "full")
 DType = _choices("DType", "auto", "bf16", "fp16", "fp32")
 Mode = _choices("Mode", "constrained", "free")
 MapUnknown = _choices("MapUnknown", "mode", "reject")
-Family = _choices("Family", "qwen2_vl", "clip", "siglip")
+Family = _choices("Family", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "clip", "siglip")
+DemoFamily = _choices("DemoFamily", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 @app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
@@ -67,19 +68,21 @@ def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="New folder for the model (kept if it holds this seed's build).")],
     seed: Annotated[int, typer.Option(help="Weight-initialisation seed.")] = 0,
     vocab_size: Annotated[int | None, typer.Option(
-        help="Pad the embedding to N rows (Qwen2-VL: 151936); qwen2_vl only.")] = None,
-    family: Annotated[Family, typer.Option(help="qwen2_vl: a VLM (both routes); clip/siglip: a vision "
-                                                "encoder (classify route).")] = Family.qwen2_vl,
+        help="Pad the embedding to N rows (Qwen2-VL: 151936); VLM families only.")] = None,
+    family: Annotated[Family, typer.Option(help="qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5: a VLM (both routes); "
+                                                "clip/siglip: a vision encoder (classify route).")] = Family.qwen2_vl,
 ) -> None:
-    """Build a tiny, randomly initialised model (Qwen2-VL, or a CLIP/SigLIP vision encoder) for tests and the demo."""
-    if family is Family.qwen2_vl:
+    """Build a tiny, randomly initialised model (a Qwen VLM, or a CLIP/SigLIP vision encoder) for tests and the demo."""
+    from vlmtax.tiny_families import TINY_FAMILIES
+
+    if family.value in TINY_FAMILIES:
         from vlmtax.tiny_model import build_tiny_model
 
-        out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
-        typer.echo(f"tiny Qwen2-VL written to {out}")
+        out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size, family=family.value)
+        typer.echo(f"tiny {TINY_FAMILIES[family.value].label} written to {out}")
         return
     if vocab_size is not None:
-        raise VlmtaxError(f"--vocab-size is for the qwen2_vl family, not {family.value}", "drop --vocab-size")
+        raise VlmtaxError(f"--vocab-size is for the VLM families, not {family.value}", "drop --vocab-size")
     from vlmtax.tiny_vision import build_tiny_vision
 
     out = build_tiny_vision(out_dir, family=family.value, seed=seed)
@@ -260,7 +263,10 @@ def ensemble(
 
 @app.command()
 def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (kept stages are reused).")] = Path(
-        "demo_work")) -> None:
+        "demo_work"),
+         family: Annotated[DemoFamily, typer.Option(
+             help="VLM family of the tiny model; another than qwen2_vl runs the generate route only, its files "
+                  "named ...-FAMILY in --workdir.")] = DemoFamily.qwen2_vl) -> None:
     """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU.
 
     synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
@@ -270,7 +276,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """
     from vlmtax.demo import demo as run
 
-    run(workdir)
+    run(workdir, family=family.value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ row (values never get cache copies of the prompt). Value scores are `logit[targe
 over chunks of positions, so the full (rows, values' tokens, vocabulary) logits never exist at once.
 
 Every piece is tokenised segment by segment with `chat.SegmentTokenizer`, exactly as in training.
+A family whose layers are not all attention (Qwen3.5's linear-attention recurrences: `families.py`, tree_mask)
+cannot lay values side by side; `decoding_rows.py` gives each value its own row instead, with the same scores.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from vlmtax.answer import DEFAULT_TEMPLATE, escape, layout, parse_answer, render_prompt, snap
 from vlmtax.chat import SegmentTokenizer, prompt_text
 from vlmtax.errors import VlmtaxError
+from vlmtax.families import family_of
 from vlmtax.taxonomy import Category
 from vlmtax.template import Template
 
@@ -143,29 +146,37 @@ class ConstrainedDecoder:
         self.vocab_size = self.head.weight.shape[0]
         self.plans = AnswerPlans(processor.tokenizer, template)
         self.pad_id = processor.tokenizer.pad_token_id
-        self.mrope = hasattr(model.model, "get_rope_index")
+        self.family = family_of(model)
         self.forward_calls = 0
-
-    def _positions(self, pos: torch.Tensor) -> torch.Tensor:
-        return pos[None].expand(3, -1, -1) if self.mrope else pos
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded prompt inputs with their (M-RoPE) positions, and each row's next text position."""
         enc = encode_prompts(self.processor, images, categories, self.model.device, self.template)
         mask2d = enc["attention_mask"]
-        if self.mrope and "image_grid_thw" in enc:
-            pos, deltas = self.model.model.get_rope_index(
-                enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"],
-                attention_mask=mask2d)
+        text = (mask2d.cumsum(-1) - 1).clamp(min=0)
+        if "image_grid_thw" in enc:
+            mrope, deltas = self.family.rope_index(self.model, enc)
             next_pos = mask2d.sum(-1) + deltas.view(-1)
         else:
-            pos = self._positions((mask2d.cumsum(-1) - 1).clamp(min=0))
-            next_pos = mask2d.sum(-1)
-        enc["position_ids"] = pos
+            mrope, next_pos = None, mask2d.sum(-1)
+        enc["position_ids"] = self.family.positions(text, mrope)
         return enc, next_pos
+
+    def check_finite(self, scores: torch.Tensor, slot: Slot) -> None:
+        if not torch.isfinite(scores).all():
+            raise VlmtaxError(
+                f"non-finite value scores while decoding in {str(self.model.dtype).removeprefix('torch.')} "
+                f"(attribute {slot.attribute!r}): the activations overflowed",
+                "predict with --dtype fp32 (or bf16 on a GPU that has it); fp16 overflows in Qwen2-VL")
 
     @torch.no_grad()
     def decode(self, images: list[Any], categories: list[Category]) -> list[RowResult]:
+        """The allowed value of every attribute of every row, with each value's score. Families whose layers are all
+        attention score all candidates in one tree-masked forward; the others a row of candidates each."""
+        if not self.family.tree_mask:
+            from vlmtax.decoding_rows import decode_rowwise
+
+            return decode_rowwise(self, images, categories)
         prompt, next_pos = self._prompt(images, categories)
         plans = [self.plans(c) for c in categories]
         results = [RowResult(values={}) for _ in categories]
@@ -234,7 +245,7 @@ class ConstrainedDecoder:
             valid.append([k < n_values for k in range(k_max)])
         device = next_pos.device
         as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        ids, group, pos = as_t(ids), as_t(group), self._positions(as_t(pos))
+        ids, group, pos = as_t(ids), as_t(group), self.family.positions(as_t(pos))
         kwargs: dict[str, Any] = {"past_key_values": cache}
         if prompt is not None:  # the prompt joins the first step: it is forced text with the prompt's positions
             width = prompt["input_ids"].shape[1]
@@ -253,11 +264,7 @@ class ConstrainedDecoder:
         sums = torch.zeros((len(slots), k_max + 1), device=device).scatter_add_(1, as_t(owner), token_lp)
         valid_t = as_t(valid).bool()
         scores = first_lp + sums[:, :k_max]
-        if not torch.isfinite(scores[valid_t]).all():
-            raise VlmtaxError(
-                f"non-finite value scores while decoding in {str(self.model.dtype).removeprefix('torch.')} "
-                f"(attribute {slots[0].attribute!r}): the activations overflowed",
-                "predict with --dtype fp32 (or bf16 on a GPU that has it); fp16 overflows in Qwen2-VL")
+        self.check_finite(scores[valid_t], slots[0])
         scores = scores.masked_fill(~valid_t, float("-inf")).cpu()
         cache = out.past_key_values
         cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text

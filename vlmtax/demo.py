@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import check_writable
 
 
@@ -39,23 +40,30 @@ def demo_catalogue(cat: str | Path, rows: int = 4000, test_rows: int = 500) -> P
 
 
 def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500,
-         classify: bool = True, ensemble: bool = True) -> dict[str, Any]:
+         classify: bool = True, ensemble: bool = True, family: str = "qwen2_vl") -> dict[str, Any]:
     """Run the whole pipeline in `workdir`; returns the generate route's score report, with the classify
     route's under "classify" and the tuned ensemble's under "ensemble" (`classify=False` runs the generate
-    route only, `ensemble=False` both routes without tune/ensemble)."""
+    route only, `ensemble=False` both routes without tune/ensemble). Another `family` than qwen2_vl runs the
+    generate route on that family's tiny model, its artefacts named `...-<family>` beside the default ones
+    (the classify route and the ensemble are the default demo's)."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
     from vlmtax.prepare import prepare
     from vlmtax.score import score
     from vlmtax.sft import sft
+    from vlmtax.tiny_families import TINY_FAMILIES
     from vlmtax.tiny_model import build_tiny_model
 
+    if family not in TINY_FAMILIES:
+        raise VlmtaxError(f"unknown demo family {family!r}", f"use one of: {', '.join(TINY_FAMILIES)}")
     work = Path(workdir).resolve()
     check_writable(work, "--workdir", "dir")
     work.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    cat, model, data = work / "catalogue", work / "tiny-model", work / "data"
-    run, merged, submission = work / "run", work / "merged", work / "submission.csv"
+    tag = "" if family == "qwen2_vl" else f"-{family}"
+    classify = classify and not tag
+    cat, model, data = work / "catalogue", work / f"tiny-model{tag}", work / f"data{tag}"
+    run, merged, submission = work / f"run{tag}", work / f"merged{tag}", work / f"submission{tag}.csv"
     started = time.perf_counter()
 
     def stage(n: int, name: str, done: Path, fn: Callable[[], Any]) -> None:
@@ -63,7 +71,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
 
     stage(1, "synth: synthetic catalogue", cat / "train.csv",
           lambda: demo_catalogue(cat, rows, test_rows))
-    stage(2, "tiny-model: random tiny Qwen2-VL", model / "vlmtax_tiny.json", lambda: build_tiny_model(model, seed=0))
+    stage(2, f"tiny-model: random tiny {TINY_FAMILIES[family].label}", model / "vlmtax_tiny.json",
+          lambda: build_tiny_model(model, seed=0, family=family))
     stage(3, "prepare: training records", data / "prepare_meta.json",
           lambda: prepare(csv=cat / "train.csv", images=cat / "train_images",
                           attributes=cat / "category_attributes.parquet", out=data, model=model,
@@ -80,10 +89,10 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         model_for_predict = merged
     stage(6, "predict: constrained decoding", submission,
           lambda: predict(model=model_for_predict, csv=cat / "test.csv", images=cat / "test_images", out=submission,
-                          probs=work / "probs.jsonl"))
+                          probs=work / f"probs{tag}.jsonl"))
     console.rule("[7/7] score: competition metric")
     report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
-                   json_out=work / "score.json", plot=work / "score.png", console=console)
+                   json_out=work / f"score{tag}.json", plot=work / f"score{tag}.png", console=console)
     if classify:
         report["classify"] = classify_route(work, cat, data, console)
         if ensemble:
@@ -94,8 +103,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
         f"(whole demo {elapsed / 60:.1f} min)\n"
         f"  catalogue   {cat}\n  tiny model  {model}\n  dataset     {data}\n  run dir     {run}\n"
         f"  merged      {merged if not full else '(full fine-tuning: the run dir is the model)'}\n"
-        f"  submission  {submission} (+ probs.jsonl)\n"
-        f"  score       {work / 'score.json'}, {work / 'score.png'}"
+        f"  submission  {submission} (+ probs{tag}.jsonl)\n"
+        f"  score       {work / f'score{tag}.json'}, {work / f'score{tag}.png'}"
     )
     if classify:
         console.print(f"  classify    {work / 'run-heads'}, {work / 'submission-heads.csv'}")

@@ -18,6 +18,7 @@ import torch
 
 from vlmtax.answer import with_template
 from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.families import family_of, supported
 from vlmtax.meta import META_FILE
 from vlmtax.taxonomy import Taxonomy
 
@@ -173,9 +174,11 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
     """`from_pretrained` in one dtype. Merges and predictions run on plain 16/32-bit weights; only sft passes
     `extra` (a quantization_config with its per-rank device_map)."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        family_of(config, f"{what} {source}")
         # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
         return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
                                                            trust_remote_code=trust_remote_code, **extra)
@@ -185,7 +188,8 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
     except (OSError, ValueError) as exc:
         first = first_line(exc)
         raise VlmtaxError(f"cannot load {what} {source}: {first}",
-                          "check the folder (no hub access here?) and that it holds a Qwen2-VL model") from None
+                          f"check the folder (no hub access here?) and that it holds a model of: {supported()}"
+                          ) from None
 
 
 def attach_adapter(base: Any, model_dir: ModelDir) -> Any:

@@ -19,14 +19,12 @@ from typing import Any
 import torch
 
 from vlmtax.errors import VlmtaxError, first_line
+from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
+from vlmtax.families import lora_target_regex as family_target_regex
 from vlmtax.fileio import check_writable, guard_outputs, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
-
-LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Vision-block MLPs: fc1/fc2 in Qwen2-VL, gate/up/down_proj in Qwen2.5-VL.
-VISION_LINEAR = ("qkv", "proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -71,15 +69,11 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
 
-def lora_target_regex(recipe: Recipe) -> str:
-    """LoRA targets as one regex over module names: the language model's linear layers, and the vision
-    blocks' only when the vision tower is unfrozen. PEFT's "all-linear" would silently hit the vision blocks."""
-    names = LANGUAGE_LINEAR if recipe.lora.target == "all-linear" else tuple(
-        [recipe.lora.target] if isinstance(recipe.lora.target, str) else recipe.lora.target)
-    parts = [rf".*language_model\..*\.(?:{'|'.join(map(re.escape, names))})"]
-    if not recipe.freeze.vision:
-        parts.append(rf".*visual\.blocks\.\d+\..*\.(?:{'|'.join(VISION_LINEAR)})")
-    return "|".join(f"(?:{p})" for p in parts)
+def lora_target_regex(recipe: Recipe, family: Family) -> str:
+    """The recipe's LoRA targets in `family`'s module names (families.lora_target_regex)."""
+    target = recipe.lora.target
+    names = None if target == "all-linear" else tuple([target] if isinstance(target, str) else target)
+    return family_target_regex(family, names, vision=not recipe.freeze.vision)
 
 
 def check_logging(recipe: Recipe) -> None:
@@ -88,27 +82,32 @@ def check_logging(recipe: Recipe) -> None:
                           "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
 
 
+def _skeleton(recipe: Recipe) -> Any:
+    """The model built on the meta device from its config: module names without loading a weight."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first_line(exc)}",
+                          "point model: at a model folder of a supported family") from None
+    family_of(config, f"model {recipe.model}")
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
+
+
 def check_lora_targets(recipe: Recipe) -> None:
-    """Before any weights load: the LoRA target regex must match a module of the model (built on the meta
-    device from its config), else PEFT fails deep inside, or adapts only the vision blocks. Classify runs
-    put LoRA on a vision backbone (heads.mode), not on a language model."""
+    """Before any weights load: the model's family must be supported and the LoRA target regex must match a
+    linear layer of its language model (and of its vision blocks when those are trained), else PEFT fails deep
+    inside, or wraps only some of what the recipe meant. Classify runs put LoRA on a vision backbone instead."""
     if recipe.task == "classify" or recipe.finetuning != "lora":
         return
     if isinstance(recipe.lora.target, list) and not recipe.lora.target:
         raise VlmtaxError("lora.target is an empty list", "use all-linear or module names such as [q_proj, v_proj]")
     if not Path(recipe.model).is_dir():
-        return  # a hub id: its config may not be reachable; PEFT's own check applies at load time
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    try:
-        config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
-        with torch.device("meta"):
-            skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        first = first_line(exc)
-        raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first}",
-                          "point model: at a Qwen2-VL model folder") from None
-    pattern = re.compile(lora_target_regex(recipe))
+        return  # a hub id: its config may not be reachable; the wrapped-module check applies after loading
+    skeleton = _skeleton(recipe)
+    pattern = re.compile(lora_target_regex(recipe, family_of(skeleton)))
     names = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     if not any(pattern.fullmatch(n) for n in names if ".language_model." in f".{n}"):
         wanted = [recipe.lora.target] if isinstance(recipe.lora.target, str) else recipe.lora.target
@@ -119,14 +118,17 @@ def check_lora_targets(recipe: Recipe) -> None:
                           f"use all-linear or names from: {', '.join(leaves)}")
 
 
-def lora_config(recipe: Recipe) -> Any:
+def lora_config(recipe: Recipe, model: Any) -> Any:
+    """LoRA on the recipe's targets; an unfrozen projector (merger and DeepStack mergers) is trained whole."""
     from peft import LoraConfig
 
+    family = family_of(model)
     modules_to_save = list(recipe.lora.modules_to_save)
-    if not recipe.freeze.projector and "merger" not in modules_to_save:
-        modules_to_save.append("merger")
+    if not recipe.freeze.projector:
+        modules_to_save += [n.split(".visual.", 1)[-1] for n in projector_modules(family, model)
+                            if n.split(".visual.", 1)[-1] not in modules_to_save]
     return LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=lora_target_regex(recipe), modules_to_save=modules_to_save or None,
+                      target_modules=lora_target_regex(recipe, family), modules_to_save=modules_to_save or None,
                       task_type="CAUSAL_LM")
 
 
@@ -159,37 +161,50 @@ def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
     return model, processor
 
 
-# liger-kernel's patch per model family. Its fused linear cross-entropy and cross-entropy stay off: they
-# replace the model's own loss, and vlmtax computes its loss itself on the answer positions only.
-LIGER_PATCHES = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl", "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
-                 "qwen3_vl": "apply_liger_kernel_to_qwen3_vl"}
-
-
 def apply_liger(model: Any) -> None:
-    """liger's Triton kernels (RoPE, RMSNorm, SwiGLU) patched into this model instance."""
+    """liger's Triton kernels (RoPE where the family has one, RMSNorm, SwiGLU) patched into this model instance.
+    Its fused linear cross-entropy and cross-entropy stay off: they replace the model's own loss, and vlmtax
+    computes its loss itself on the answer positions only."""
     import liger_kernel.transformers as liger
 
-    family = model.config.model_type
-    name = LIGER_PATCHES.get(family)
-    if name is None or not hasattr(liger, name):
-        raise VlmtaxError(f"liger-kernel has no patch for model type {family!r}", "set train.liger=false")
-    getattr(liger, name)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                         fused_linear_cross_entropy=False, model=model)
+    family = family_of(model)
+    if not hasattr(liger, family.liger_patch):
+        raise VlmtaxError(f"the installed liger-kernel has no {family.liger_patch} ({family.label})",
+                          "upgrade liger-kernel, or set train.liger=false")
+    getattr(liger, family.liger_patch)(rope=family.liger_rope, rms_norm=True, swiglu=True, cross_entropy=False,
+                                       fused_linear_cross_entropy=False, model=model)
+
+
+def _report_parts(what: str, counts: dict[str, int]) -> None:
+    print(f"sft: {what}: " + ", ".join(f"{part} {n}" for part, n in counts.items()), flush=True)
 
 
 def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
-    """Freeze what the recipe freezes, wrap LoRA, keep trainable weights fp32 under fp16 or bf16 autocast."""
+    """Freeze what the recipe freezes, wrap LoRA, keep trainable weights fp32 under fp16 or bf16 autocast.
+    Prints what is trained per part (language / vision / projector), and refuses a LoRA that misses a part the
+    recipe trains."""
+    family = family_of(model)
     if recipe.finetuning == "full":
         for name, p in model.named_parameters():
-            is_vision = ".visual." in f".{name}" and ".merger." not in name
-            is_projector = ".merger." in name
-            p.requires_grad = not ((is_vision and recipe.freeze.vision) or (is_projector and recipe.freeze.projector))
+            part = family.part(name)
+            p.requires_grad = not ((part == "vision" and recipe.freeze.vision)
+                                   or (part == "projector" and recipe.freeze.projector))
+        _report_parts("trainable tensors", trainable_counts(family, model))
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
-    model = get_peft_model(model, lora_config(recipe))
+    model = get_peft_model(model, lora_config(recipe, model))
+    counts = wrapped_counts(family, model)
+    _report_parts("LoRA-wrapped linear layers (whole: trained as modules_to_save)", counts)
+    missed = [part for part, wanted in (("language", True), ("vision", not recipe.freeze.vision),
+                                        ("projector", not recipe.freeze.projector))
+              if wanted and not counts.get(part) and not counts.get(f"{part} whole")]
+    if missed:
+        raise VlmtaxError(f"lora.target {recipe.lora.target} wraps no module of the {' or '.join(missed)} in "
+                          f"{recipe.model} ({family.label})",
+                          f"use all-linear or names from: {', '.join(family.language_linear)}")
     if precision in ("fp16", "bf16"):  # adapters and modules_to_save copies (lm_head, merger) alike
         for p in model.parameters():
             if p.requires_grad:

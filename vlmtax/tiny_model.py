@@ -1,4 +1,5 @@
-"""Stage: the tiny model. Builds a randomly initialised, few-MB Qwen2-VL checkpoint for tests and the demo.
+"""Stage: the tiny model. Builds a randomly initialised, few-MB checkpoint of a supported VLM family (Qwen2-VL by
+default; Qwen2.5-VL, Qwen3-VL, Qwen3.5: `tiny_families.py`) for tests and the demo.
 
 The folder it writes loads through `AutoModelForImageTextToText` / `AutoProcessor` exactly like
 `Qwen/Qwen2-VL-2B-Instruct`: same classes, same special tokens in the same order after the BPE
@@ -15,38 +16,20 @@ from pathlib import Path
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_dir
+from vlmtax.tiny_families import TINY_FAMILIES, TinyFamily
 
 MARKER = "vlmtax_tiny.json"
 # Bump when the build changes, so an old folder is not silently taken for a fresh one.
 BUILD_VERSION = 1
 
-# Qwen2's own pre-tokenizer split (tokenizer.json of Qwen2 / Qwen2-VL). transformers 5 rebuilds the
-# Qwen2Tokenizer backend from vocab + merges with this exact regex on load, so training must use it too.
-SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 # In the real order: they take the ids right after the BPE vocabulary, as 151643.. do in Qwen2-VL.
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# The chat template shipped with Qwen2-VL-2B-Instruct (chat_template.json), verbatim.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
-# Qwen2-VL-2B-Instruct's preprocessor_config.json pixel budget (CLIP mean/std are the class defaults).
-MIN_PIXELS, MAX_PIXELS = 3136, 12845056
-
+# Qwen3's reasoning markers, added tokens of the Qwen3-VL and Qwen3.5 vocabularies (after the tool-call ones).
+THINK_TOKENS = ["<think>", "</think>"]
 # Meesho categories, attributes and values (from the public label statistics), so product text tokenises
 # into few, stable pieces as it would with a real vocabulary.
 CATEGORIES = ["Men Tshirts", "Sarees", "Kurtis", "Women Tshirts", "Women Tops & Tunics"]
@@ -146,14 +129,14 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer():
+def _build_tokenizer(family: TinyFamily):
+    import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.Split(Regex(family.split_regex), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.decoder = decoders.ByteLevel()
@@ -162,52 +145,30 @@ def _build_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(_corpus(), trainer)
     backend.add_special_tokens(SPECIAL_TOKENS)
+    if family.name in ("qwen3_vl", "qwen3_5"):
+        backend.add_tokens(THINK_TOKENS)
     # Qwen2-VL-2B-Instruct's tokenizer_config: no bos/unk, eos = <|im_end|>, pad = <|endoftext|>.
-    tokenizer = Qwen2Tokenizer(
+    tokenizer = getattr(transformers, family.tokenizer_class)(
         tokenizer_object=backend, bos_token=None, unk_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", extra_special_tokens=SPECIAL_TOKENS[1:], errors="replace",
         model_max_length=32768, clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = family.chat_template
     return tokenizer
 
 
-def _build_processor(tokenizer):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-
-
-def tiny_config(tokenizer, vocab_size: int | None = None):
-    """Qwen2-VL-2B's architecture at toy sizes; token ids come from `tokenizer`. `vocab_size` pads the embedding
-    and output layer to a real model's row count (151936 for Qwen2-VL) for memory measurements."""
-    from transformers import Qwen2VLConfig
-
+def tiny_config(tokenizer, vocab_size: int | None = None, family: str = "qwen2_vl"):
+    """The family's smallest checkpoint's architecture at toy sizes; token ids come from `tokenizer`.
+    `vocab_size` pads the embedding and output layer to a real model's row count (151936 for Qwen2-VL) for
+    memory measurements."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # The real embedding (151936 rows) is padded past the tokenizer (151657 ids); keep such a gap
     # (2866 -> 2944) so code that confuses len(tokenizer) with config.vocab_size fails here too.
     vocab_size = vocab_size or (len(tokenizer) // 128 + 1) * 128
-    text = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
-        rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=2,
-        # head_dim 16 -> 8 rotary frequencies, split over (time, height, width) like [16, 24, 24] at 2B.
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-    )
-    vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=4, in_channels=3,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
-    return Qwen2VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=True,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+    return TINY_FAMILIES[family].config(ids, vocab_size)
 
 
-def _existing(out: Path, seed: int, vocab_size: int | None) -> bool:
+def _existing(out: Path, seed: int, vocab_size: int | None, family: str) -> bool:
     """True when `out` already holds this very build; raise when it holds anything else."""
     if not out.exists():
         return False
@@ -220,40 +181,43 @@ def _existing(out: Path, seed: int, vocab_size: int | None) -> bool:
     except (OSError, ValueError):
         meta = None
     if isinstance(meta, dict) and meta.get("seed") == seed and meta.get("build") == BUILD_VERSION \
-            and meta.get("vocab_size") == vocab_size:
+            and meta.get("vocab_size") == vocab_size and meta.get("family", "qwen2_vl") == family:
         return True
-    what = f"a tiny model with another seed or build ({meta})" if isinstance(meta, dict) else "other files"
+    what = f"a tiny model with another seed, family or build ({meta})" if isinstance(meta, dict) else "other files"
     raise VlmtaxError(f"{out} already exists and holds {what}", "choose another folder or delete it")
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int | None = None) -> Path:
-    """Write a tiny random Qwen2-VL (weights, config, generation config, processor) to `out_dir`.
+def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int | None = None,
+                     family: str = "qwen2_vl") -> Path:
+    """Write a tiny random model of `family` (weights, config, generation config, processor) to `out_dir`.
 
-    Same seed, same bytes. Returns `out_dir` untouched when it already holds the build for `seed`.
+    Same seed, same bytes. Returns `out_dir` untouched when it already holds the build for `seed` and `family`.
     `vocab_size` (default: the tokenizer's size rounded up past it) pads the embedding, e.g. to 151936.
     """
+    if family not in TINY_FAMILIES:
+        raise VlmtaxError(f"unknown tiny-model family {family!r}", f"use one of: {', '.join(TINY_FAMILIES)}")
     out = Path(out_dir)
-    if _existing(out, seed, vocab_size):
+    if _existing(out, seed, vocab_size, family):
         return out
 
     import tokenizers
     import torch
     import transformers
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     import vlmtax
 
-    tokenizer = _build_tokenizer()
-    processor = _build_processor(tokenizer)
+    tokenizer = _build_tokenizer(TINY_FAMILIES[family])
+    processor = TINY_FAMILIES[family].processor(tokenizer)
     if vocab_size is not None and vocab_size < len(tokenizer):
         raise VlmtaxError(f"--vocab-size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)",
                           f"use {len(tokenizer)} or more (Qwen2-VL's is 151936)")
-    config = tiny_config(tokenizer, vocab_size)
+    config = tiny_config(tokenizer, vocab_size, family)
     # fork_rng: seed the init without disturbing the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # fp32 rather than the real bf16: the tiny model trains on CPUs, where fp32 is the fast, exact choice.
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+        model = AutoModelForImageTextToText.from_config(config).to(torch.float32)
     eot, im_end = config.text_config.bos_token_id, config.text_config.eos_token_id
     # As Qwen2-VL-2B-Instruct's generation_config, but greedy so tests and demos are reproducible.
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot,
@@ -261,6 +225,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int | None 
     meta = {"build": BUILD_VERSION, "seed": seed, "vocab_size": vocab_size, "vlmtax": vlmtax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__}
+    if family != "qwen2_vl":  # a qwen2_vl folder's marker stays as it was before families existed
+        meta["family"] = family
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
