@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -167,4 +168,6 @@ def setup(trainer: Any, recipe: Recipe, processor: Any, records: list[dict[str, 
     cache.fill(model, processor, todo[acc.process_index::acc.num_processes], recipe.train.batch_size,
                acc.autocast)
     acc.wait_for_everyone()
+    print(f"vision cache {cache.dir}: {len(set(images))} images, {len(todo)} missing, {cache.computed} encoded by "
+          f"process {acc.process_index}", file=sys.stderr, flush=True)
     return cache
