@@ -29,7 +29,7 @@ from PIL import Image
 
 from vlmtax.chat import image_token_count
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_path, file_sha256
+from vlmtax.fileio import atomic_path, file_sha256, os_error
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_image
 
@@ -105,7 +105,10 @@ class VisionCache:
         """Encode `images` with the model's own image path, under the training forward's autocast `context`."""
         from safetensors.torch import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, self.dir) from None
         device = next(vision_tower(model).parameters()).device
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
