@@ -169,6 +169,34 @@ def levers(args, model: Path, data: Path) -> None:
     for name, r in results.items():
         print(f"  vlmtax, {name}: {r['samples_per_s']:7.1f} samples/s ({r['samples_per_s'] / base:.2f}x)  "
               f"padding {r['padding']:.1%}")
+    off, on = step_times(args, model, data)
+    print(f"  one trainer, blocks of 10 steps (collate + forward + backward) alternating cache off/on, fastest of "
+          f"{args.repeat * 5} each: {off * 100:.1f} / {on * 100:.1f} ms a step, cache on {off / on:.2f}x")
+
+
+def step_times(args, model: Path, data: Path) -> tuple[float, float]:
+    """Seconds a step without and with the cache, from one trainer switching its collator between the two in
+    alternating blocks: a loaded machine slows both alike, and the fastest block of each is kept."""
+    from vlmtax.recipe import load_recipe
+    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.train_loop import build_trainer
+
+    shutil.rmtree(WORK / "run", ignore_errors=True)
+    recipe = load_recipe(RECIPE, overrides(args, model, data, True) + ["train.cache_vision=true"])
+    net, processor = load_model(recipe, "fp32")
+    trainer = build_trainer(recipe, prepare_model(net, recipe, "fp32"), processor, "fp32")
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    collator, cache, n = trainer.data_collator, trainer.data_collator.vision_cache, len(trainer.train_dataset)
+    best = {False: float("inf"), True: float("inf")}
+    for block in range(args.repeat * 10):
+        use = bool(block % 2)
+        collator.vision_cache = cache if use else None
+        t0 = time.perf_counter()
+        for step in range(10):
+            rows = [{"index": (block * 80 + step * args.batch_size + i) % n} for i in range(args.batch_size)]
+            trainer.compute_loss(trainer.model, collator(rows)).backward()
+        best[use] = min(best[use], (time.perf_counter() - t0) / 10)
+    return best[False], best[True]
 
 
 if __name__ == "__main__":
