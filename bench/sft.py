@@ -171,7 +171,7 @@ def levers(args, model: Path, data: Path) -> None:
               f"padding {r['padding']:.1%}")
     off, on = step_times(args, model, data)
     print(f"  one trainer, blocks of 10 steps (collate + forward + backward) alternating cache off/on, fastest of "
-          f"{args.repeat * 5} each: {off * 100:.1f} / {on * 100:.1f} ms a step, cache on {off / on:.2f}x")
+          f"{args.repeat * 5} each: {off * 1000:.1f} / {on * 1000:.1f} ms a step, cache on {off / on:.2f}x")
 
 
 def step_times(args, model: Path, data: Path) -> tuple[float, float]:

@@ -15,12 +15,12 @@ backward) runs on shape-only tensors. For each recipe it reports:
   cache (the tower never runs and need not sit on the GPU), and packing (removes `--padding` of the tokens).
 
     python bench/sft_cost.py [--recipe recipes/qwen2vl_2b.yaml ...] [--batch-size N] [--max-pixels N]
-                             [--prompt-tokens 80] [--answer-tokens 48] [--photo 1000x1000] [--padding 0.1]
+                             [--prompt-tokens 80] [--answer-tokens 48] [--photo 512x683] [--padding 0.1]
                              [--json FILE]
 
-Assumptions (all arguments): one square product photo larger than the pixel budget per record, so the
-image is resized to the recipe's `image.max_pixels`; 80 prompt tokens (chat template + instruction) and
-48 answer tokens. Estimated peak = weights + trainable states + saved activations + the largest backward
+Assumptions (all arguments): one 512 x 683 product photo per record (the Meesho catalogue's size, as in
+bench/prepare.py), resized into the recipe's pixel budget as the processor does; 80 prompt tokens (chat
+template + instruction) and 48 answer tokens. Estimated peak = weights + trainable states + saved activations + the largest backward
 transient (the fp32 logit gradient); compared with `torch.cuda.max_memory_allocated` it leaves out the
 CUDA context and allocator slack, so "fits" keeps 1 GiB of the card free. QLoRA FLOPs are counted as
 16-bit matmuls (dequantisation excluded).
@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shipped Qwen recipes)")
     parser.add_argument("--prompt-tokens", type=int, default=80)
     parser.add_argument("--answer-tokens", type=int, default=48)
-    parser.add_argument("--photo", default="1000x1000", help="original photo size WxH, resized to the budget")
+    parser.add_argument("--photo", default="512x683", help="original photo size WxH, resized to the budget")
     parser.add_argument("--padding", type=float, default=0.1, help="padding share of the tokens packing removes")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every recipe (train.batch_size=1)")
@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         w, h = (int(x) for x in args.photo.lower().split("x"))
     except ValueError:
-        parser.error(f"--photo {args.photo!r} is not WxH (fix: e.g. --photo 1000x1000)")
+        parser.error(f"--photo {args.photo!r} is not WxH (fix: e.g. --photo 512x683)")
     args.photo = (w, h)
     if not 0 <= args.padding < 1:
         parser.error("--padding must be in [0, 1)")
