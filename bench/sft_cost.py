@@ -20,10 +20,10 @@ backward) runs on shape-only tensors. For each recipe it reports:
 
 Assumptions (all arguments): one 512 x 683 product photo per record (the Meesho catalogue's size, as in
 bench/prepare.py), resized into the recipe's pixel budget as the processor does; 80 prompt tokens (chat
-template + instruction) and 48 answer tokens.
-Estimated peak = weights + trainable states + saved activations + the largest backward transient (the fp32 logit gradient); compared with `torch.cuda.max_memory_allocated` it leaves out the
-CUDA context and allocator slack, so "fits" keeps 1 GiB of the card free. QLoRA FLOPs are counted as
-16-bit matmuls (dequantisation excluded).
+template + instruction) and 48 answer tokens. Estimated peak = weights + trainable states + saved
+activations + the largest backward transient (the fp32 logit gradient); compared with
+`torch.cuda.max_memory_allocated` it leaves out the CUDA context and allocator slack, so "fits" keeps
+1 GiB of the card free. QLoRA FLOPs are counted as 16-bit matmuls (dequantisation excluded).
 """
 
 from __future__ import annotations
