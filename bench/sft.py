@@ -5,7 +5,13 @@ Setup of the issue's comparison: tiny Qwen2-VL (text width 64, 2 layers; vision 
 Baseline measured in the same run: TRL's stock SFTTrainer on the same model, data and LoRA setup
 (its own vision collator and loss), as a toolkit that glues TRL together would run it.
 
-    python bench/sft.py [--model DIR] [--rows 400] [--image-size 112] [--batch-size 8] [--steps 40]
+    python bench/sft.py [--model DIR] [--rows 400] [--image-size 112] [--batch-size 8] [--steps 40 | --epochs 3]
+    python bench/sft.py --levers --epochs 3 --repeat 2
+
+`--levers` runs only vlmtax, with LLaMA-Factory-equivalent settings (frozen tower and projector, LoRA on the
+language model, gradient checkpointing on, no evaluation), the vision cache and packing each off and on,
+alternating in one process, best of `--repeat`. samples/s counts the whole run, the vision cache's pre-pass
+included; vlmtax's runs use its defaults otherwise (with the tower frozen, the cache is on).
 """
 
 from __future__ import annotations
@@ -43,25 +49,33 @@ def setup(args) -> tuple[Path, Path]:
 
 
 def overrides(args, model: Path, data: Path, gc: bool) -> list[str]:
-    return [f"model={model}", f"data={data}", f"output_dir={WORK / 'run'}", f"train.max_steps={args.steps}",
+    length = f"train.epochs={args.epochs}" if args.epochs else f"train.max_steps={args.steps}"
+    return [f"model={model}", f"data={data}", f"output_dir={WORK / 'run'}", length,
             f"train.batch_size={args.batch_size}", "train.grad_accum=1", "train.eval=false", "log.every=1000",
             f"train.gradient_checkpointing={str(gc).lower()}", "lora.rank=16", "lora.modules_to_save=[]",
             "lora.plus_ratio=16", "freeze.vision=true", "freeze.projector=true", "train.save_steps=100000",
             f"image.max_pixels={args.image_size ** 2}"]
 
 
-def run_vlmtax(args, model: Path, data: Path, gc: bool) -> dict:
+def run_vlmtax(args, model: Path, data: Path, gc: bool, *extra: str, rows_to_max_length: bool = False) -> dict:
+    """samples/s over the whole run: the vision cache's pre-pass (inside build_trainer) counts against it."""
     from vlmtax.recipe import load_recipe
     from vlmtax.sft import load_model, prepare_model
     from vlmtax.train_loop import build_trainer
 
     shutil.rmtree(WORK / "run", ignore_errors=True)
-    recipe = load_recipe(RECIPE, overrides(args, model, data, gc))
+    recipe = load_recipe(RECIPE, overrides(args, model, data, gc) + list(extra))
     net, processor = load_model(recipe, "fp32")
+    t0 = time.perf_counter()
     trainer = build_trainer(recipe, prepare_model(net, recipe, "fp32"), processor, "fp32")
+    if rows_to_max_length:  # what flash-attention's varlen gets; here sdpa attends over the whole masked row
+        trainer.data_collator.pack_capacity = recipe.train.max_length
+    prepass = time.perf_counter() - t0
     metrics = trainer.train().metrics
     collator = trainer.data_collator
-    return {"samples_per_s": metrics["train_samples_per_second"], "padding": collator.padding / collator.tokens}
+    seconds = prepass + metrics["train_runtime"]
+    return {"samples_per_s": metrics["train_samples_per_second"] * metrics["train_runtime"] / seconds,
+            "padding": collator.padding / collator.tokens}
 
 
 def run_stock_trl(args, model: Path, data: Path, gc: bool) -> dict:
@@ -106,9 +120,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--epochs", type=float, help="train this many epochs instead of --steps")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--levers", action="store_true",
+                        help="only vlmtax with LLaMA-Factory's settings, the vision cache and packing off and on")
+    parser.add_argument("--repeat", type=int, default=1, help="--levers: alternate the runs this many times")
     args = parser.parse_args()
     model, data = setup(args)
+    if args.levers:
+        return levers(args, model, data)
     results = {}
     for gc in (False, True):
         if not args.skip_baseline:
@@ -126,6 +146,57 @@ def main() -> None:
             ours = results[f"vlmtax,    checkpointing {gc}"]["samples_per_s"]
             base = results[f"stock TRL, checkpointing {gc}"]["samples_per_s"]
             print(f"  ratio vlmtax / stock TRL, checkpointing {gc}: {ours / base:.2f}x")
+
+
+def levers(args, model: Path, data: Path) -> None:
+    """LLaMA-Factory-equivalent settings (frozen tower and projector, LoRA on the language model, gradient
+    checkpointing on, no evaluation), each lever off and on, alternating in one process, best of --repeat."""
+    runs = {"cache off, packing off": ("train.cache_vision=false", "train.packing=false"),
+            "cache on,  packing off": ("train.cache_vision=true", "train.packing=false"),
+            "cache off, packing on": ("train.cache_vision=false", "train.packing=true"),
+            "cache on,  packing on": ("train.cache_vision=true", "train.packing=true"),
+            "cache on,  packing on, rows up to max_length": ("train.cache_vision=true", "train.packing=true")}
+    results: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for name, extra in runs.items():
+            r = run_vlmtax(args, model, data, True, *extra, rows_to_max_length="max_length" in name)
+            if name not in results or r["samples_per_s"] > results[name]["samples_per_s"]:
+                results[name] = r
+    length = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
+    print(f"\nsft levers: {args.rows} rows, {args.image_size} px, batch {args.batch_size}, {length}, model {model}"
+          f", best of {args.repeat} (samples/s over the whole run, the cache's pre-pass included)")
+    base = results["cache off, packing off"]["samples_per_s"]
+    for name, r in results.items():
+        print(f"  vlmtax, {name}: {r['samples_per_s']:7.1f} samples/s ({r['samples_per_s'] / base:.2f}x)  "
+              f"padding {r['padding']:.1%}")
+    off, on = step_times(args, model, data)
+    print(f"  one trainer, blocks of 10 steps (collate + forward + backward) alternating cache off/on, fastest of "
+          f"{args.repeat * 5} each: {off * 1000:.1f} / {on * 1000:.1f} ms a step, cache on {off / on:.2f}x")
+
+
+def step_times(args, model: Path, data: Path) -> tuple[float, float]:
+    """Seconds a step without and with the cache, from one trainer switching its collator between the two in
+    alternating blocks: a loaded machine slows both alike, and the fastest block of each is kept."""
+    from vlmtax.recipe import load_recipe
+    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.train_loop import build_trainer
+
+    shutil.rmtree(WORK / "run", ignore_errors=True)
+    recipe = load_recipe(RECIPE, overrides(args, model, data, True) + ["train.cache_vision=true"])
+    net, processor = load_model(recipe, "fp32")
+    trainer = build_trainer(recipe, prepare_model(net, recipe, "fp32"), processor, "fp32")
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    collator, cache, n = trainer.data_collator, trainer.data_collator.vision_cache, len(trainer.train_dataset)
+    best = {False: float("inf"), True: float("inf")}
+    for block in range(args.repeat * 10):
+        use = bool(block % 2)
+        collator.vision_cache = cache if use else None
+        t0 = time.perf_counter()
+        for step in range(10):
+            rows = [{"index": (block * 80 + step * args.batch_size + i) % n} for i in range(args.batch_size)]
+            trainer.compute_loss(trainer.model, collator(rows)).backward()
+        best[use] = min(best[use], (time.perf_counter() - t0) / 10)
+    return best[False], best[True]
 
 
 if __name__ == "__main__":

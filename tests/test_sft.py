@@ -117,12 +117,16 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "vlmtax", "sft", str(TINY_RECIPE), "--num-processes", "2",
          *tiny_overrides(tiny_model_dir, prepared_dir, out, "finetuning=lora", "train.max_steps=2",
-                         "train.eval=false")],
+                         "train.eval=false", "freeze.vision=true", "freeze.projector=true")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "vlmtax_meta.json").read_text())
     assert meta["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+    # The vision cache (on: tower and projector frozen) is shared: each rank encodes its own half, once.
+    encoded = [int(n) for n in re.findall(r"vision cache .*: \d+ images, \d+ missing, (\d+) encoded", proc.stderr)]
+    [folder] = (out / "vision_cache").iterdir()
+    assert len(encoded) == 2 and all(encoded) and sum(encoded) == len(list(folder.glob("*.safetensors")))
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from PIL import Image
 from vlmtax.answer import answer_segments
 from vlmtax.chat import SequenceBuilder, TokenCounter
 from vlmtax.errors import VlmtaxError
+from vlmtax.packing import packed_batch
 from vlmtax.records import load_image, record_prompt_answer, record_values
 from vlmtax.taxonomy import Taxonomy
 
@@ -29,8 +30,14 @@ class Collator:
     `chat.SequenceBuilder`, the same builder merge's probe uses.
     """
 
-    def __init__(self, processor: Any, taxonomy: Taxonomy, records: list[dict[str, Any]], max_length: int):
+    def __init__(self, processor: Any, taxonomy: Taxonomy, records: list[dict[str, Any]], max_length: int,
+                 vision_cache: Any = None, packing: bool = False):
         self.processor = processor
+        self.packing = packing  # several records per row (packing.py)
+        # Row capacity when packing: None = the batch's longest record, so no row is wider than unpacked
+        # (sdpa and eager attend over the whole masked row); train.max_length with flash-attention's varlen.
+        self.pack_capacity: int | None = None
+        self.vision_cache = vision_cache  # a vision_cache.VisionCache: features instead of pixels
         self.taxonomy = taxonomy
         self.records = records
         self.max_length = max_length
@@ -58,13 +65,23 @@ class Collator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         recs = [self.records[int(r["index"])] for r in rows]
-        images = [load_image(p) for rec in recs for p in rec["images"]]
-        vision, per_image = self.sequences.image_inputs(images)
+        paths = [p for rec in recs for p in rec["images"]]
+        if self.vision_cache is not None:
+            vision, per_image = self.vision_cache.batch(paths)
+        else:
+            vision, per_image = self.sequences.image_inputs([load_image(p) for p in paths])
         items, start = [], 0
         for rec in recs:
             n = len(rec["images"])
             items.append(self.encode(rec, per_image[start:start + n]))
             start += n
+        if self.packing:
+            capacity = self.pack_capacity or max(len(it["input_ids"]) for it in items)
+            batch, padding = packed_batch(items, [len(rec["images"]) for rec in recs], vision, per_image,
+                                          capacity, self.pad_id, self.image_pad)
+            self.tokens += batch["input_ids"].numel()
+            self.padding += padding
+            return batch
         width = max(len(it["input_ids"]) for it in items)
         # Right padding: the loss ignores the tail, and Qwen2-VL's rope index reads the attention mask.
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)

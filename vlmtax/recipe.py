@@ -66,6 +66,12 @@ class Train(_Strict):
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
+    # Frozen vision features computed once before training and read from disk every epoch (vision_cache.py);
+    # null = on when freeze.vision and freeze.projector are both on.
+    cache_vision: bool | None = None
+    cache_vision_max_gb: float = Field(50.0, gt=0)  # past this estimate, train without the cache (one warning)
+    cache_vision_dir: Path | None = None  # null = <output_dir>/vision_cache
+    packing: bool = False  # several records per row up to max_length, attention kept per record (packing.py)
     # Passed to TRL's SFTConfig as they are (checked in trainer_extra.py): optim, report_to, torch_compile, ...
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -212,7 +212,7 @@ def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
     return model
 
 
-_RUN_ENTRIES = re.compile(r"checkpoint-\d+|runs|" + re.escape(META_FILE))
+_RUN_ENTRIES = re.compile(r"checkpoint-\d+|runs|vision_cache|" + re.escape(META_FILE))
 
 
 def _check_output_dir(recipe: Recipe) -> None:

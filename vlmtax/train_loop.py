@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from vlmtax import packing, vision_cache
 from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
@@ -27,6 +28,7 @@ class GuardedTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
+        inputs = packing.model_inputs(model, vision_cache.model_inputs(inputs))
         targets = labels[:, 1:]
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = targets != IGNORE
@@ -149,11 +151,15 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
                           "check the values in train.extra") from None
     optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
-        model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length),
+        model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length,
+                                                      packing=recipe.train.packing),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
         optimizers=(optimizer, None),
     )
     trainer.precision = precision
+    trainer.data_collator.vision_cache = vision_cache.setup(trainer, recipe, processor, records)
+    if "flash" in str(getattr(model.config, "_attn_implementation", "")):
+        trainer.data_collator.pack_capacity = recipe.train.max_length  # varlen attention: long rows cost nothing
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
     trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
