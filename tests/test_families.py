@@ -86,3 +86,18 @@ def test_full_finetuning_with_a_frozen_tower_trains_the_language_model_only(fami
     part = TABLE[family].part
     changed = {part(name) for name, w in tuned.items() if not torch.equal(w, base[name])}
     assert "language" in changed and not changed & {"vision", "projector"}
+
+
+@pytest.mark.parametrize(("family", "setting", "message"), [
+    ("qwen3_5", "train.packing=true", "train.packing is not supported for Qwen3.5: its recurrent layers"),
+    ("qwen3_vl", "train.cache_vision=true", "train.cache_vision is not supported for model type 'qwen3_vl'"),
+])
+def test_training_levers_follow_the_family_table(family, setting, message, family_model_dirs, prepared_dir,
+                                                 tmp_path):
+    """Packing through a recurrence would leak state between records; Qwen3-VL's DeepStack features are not in
+    the vision cache: both are refused with a one-line error, from the table rather than per-stage lists."""
+    with pytest.raises(VlmtaxError, match=message):
+        sft(TINY_RECIPE, tiny_overrides(family_model_dirs[family], prepared_dir, tmp_path / "r", "finetuning=lora",
+                                        "freeze.vision=true", "freeze.projector=true", "train.max_steps=1", setting))
+    assert [f.name for f in TABLE.values() if f.vision_cache] == [f.name for f in TABLE.values() if f.packing] == [
+        "qwen2_vl", "qwen2_5_vl"]

@@ -33,6 +33,12 @@ class Family:
     liger_patch: str  # liger_kernel.transformers function that patches this family
     liger_rope: bool  # whether that patch has a RoPE kernel for this family's rotary embedding
     tree_mask: bool  # every decoder layer is attention: candidates may sit side by side under a tree mask
+    # train.cache_vision: the merged tower output is all the language model receives of an image (Qwen3-VL
+    # also injects DeepStack features into early layers, which the cache does not hold)
+    vision_cache: bool = False
+    # train.packing: a block-diagonal mask and per-record M-RoPE keep packed records apart (a recurrent layer,
+    # as in Qwen3.5, would carry state from one record into the next)
+    packing: bool = False
 
     @property
     def projector_regex(self) -> str:
@@ -64,9 +70,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2_vl", "Qwen2-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "fc1", "fc2"), ("merger",),
-           "apply_liger_kernel_to_qwen2_vl", True, True),
+           "apply_liger_kernel_to_qwen2_vl", True, True, vision_cache=True, packing=True),
     Family("qwen2_5_vl", "Qwen2.5-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj") + MLP_LINEAR, ("merger",),
-           "apply_liger_kernel_to_qwen2_5_vl", True, True),
+           "apply_liger_kernel_to_qwen2_5_vl", True, True, vision_cache=True, packing=True),
     Family("qwen3_vl", "Qwen3-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "linear_fc1", "linear_fc2"),
            ("merger", "deepstack_merger_list"), "apply_liger_kernel_to_qwen3_vl", True, True),
     # Hybrid: three of every four layers are gated-delta-net recurrences, so no tree mask (decoding_rows.py).

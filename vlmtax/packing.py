@@ -76,6 +76,20 @@ def packed_batch(items: list[dict[str, list[int]]], images_per_record: list[int]
     return batch, padding
 
 
+def check_family(model: Any) -> None:
+    """train.packing only where the family table allows it (families.py: attention-only families)."""
+    from vlmtax.errors import VlmtaxError
+    from vlmtax.families import FAMILIES, family_of
+
+    family = family_of(model)
+    if not family.packing:
+        able = ", ".join(f.name for f in FAMILIES.values() if f.packing)
+        raise VlmtaxError(f"train.packing is not supported for {family.label}: its recurrent layers would carry "
+                          "one packed record's state into the next" if not family.tree_mask else
+                          f"train.packing is not supported for {family.label}",
+                          f"set train.packing=false (supported: {able})")
+
+
 def rope_model(model: Any) -> Any:
     """The module that owns the family's rope index (Qwen2VLModel and its kin)."""
     for module in model.modules():

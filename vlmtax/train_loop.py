@@ -149,6 +149,8 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     except (ValueError, TypeError) as exc:  # a train.extra value that SFTConfig refuses
         raise VlmtaxError(f"SFTConfig refused the training arguments: {first_line(exc)}",
                           "check the values in train.extra") from None
+    if recipe.train.packing:
+        packing.check_family(model)
     optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
         model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length,

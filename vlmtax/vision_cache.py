@@ -29,12 +29,11 @@ from PIL import Image
 
 from vlmtax.chat import image_token_count
 from vlmtax.errors import VlmtaxError
+from vlmtax.families import FAMILIES
 from vlmtax.fileio import atomic_path, file_sha256, os_error
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_image
 
-# Families whose image features are the merged tower output alone (Qwen3-VL adds DeepStack features).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 CACHE_DIRNAME = "vision_cache"
 
 
@@ -45,10 +44,12 @@ def wanted(recipe: Recipe, model_type: str) -> bool:
     if setting and not frozen:
         raise VlmtaxError("train.cache_vision=true needs a frozen vision tower and projector",
                           "set freeze.vision=true freeze.projector=true, or train.cache_vision=false")
-    if setting and model_type not in FAMILIES:
+    able = model_type in FAMILIES and FAMILIES[model_type].vision_cache  # the family table says (families.py)
+    if setting and not able:
+        supported = ", ".join(f.name for f in FAMILIES.values() if f.vision_cache)
         raise VlmtaxError(f"train.cache_vision is not supported for model type {model_type!r}",
-                          f"set train.cache_vision=false (supported: {', '.join(FAMILIES)})")
-    return bool(frozen and model_type in FAMILIES) if setting is None else setting
+                          f"set train.cache_vision=false (supported: {supported})")
+    return bool(frozen and able) if setting is None else setting
 
 
 def vision_tower(model: Any) -> torch.nn.Module:
