@@ -43,6 +43,12 @@ Substitutions (arguments appended to the documented line; appended overrides win
 Skipped lines (reported as skipped): `pip install ...`, `python -m pip ...`, `make ...`, `git clone ...`,
 `cd ...`, and `vlmtax demo ...` (ten minutes; the end-to-end test runs the demo).
 
+How: a plain `vlmtax ...` line (no shell syntax: pipes, redirections, globs, variables, env prefixes) runs
+in this process through `vlmtax.cli.main`, the function the `vlmtax` console script calls, with the sandbox
+as the working directory: same arguments, same exit code and output, without a Python start and the
+torch/transformers imports per command. Every other line runs with `bash -c` in the sandbox, as does
+every line when VLMTAX_DOCS_SUBPROCESS=1.
+
 Environment: PATH starts with this Python's bin folder (so `vlmtax` and `accelerate` are this venv's),
 HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM=false, VLMTAX_PROGRESS=0.
 
@@ -194,10 +200,51 @@ class Sandbox:
             self.results[cmd] = self.by_words[words]
             return
         started = time.perf_counter()
-        proc = subprocess.run(["bash", "-c", text], cwd=self.root, env=self.env,
-                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-        self.results[cmd] = self.by_words[words] = Result(text, proc.returncode, proc.stdout + proc.stderr,
+        if in_process(text):
+            code, output = self._in_process(list(words[1:]))
+        else:
+            proc = subprocess.run(["bash", "-c", text], cwd=self.root, env=self.env,
+                                  capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+            code, output = proc.returncode, proc.stdout + proc.stderr
+        self.results[cmd] = self.by_words[words] = Result(text, code, output,
                                                           time.perf_counter() - started)
+
+    def _in_process(self, argv: list[str]) -> tuple[int, str]:
+        """`vlmtax ARGV` through the console script's own function (vlmtax.cli.main), in the sandbox folder:
+        the exit code it would give and what it printed (a traceback for an unexpected error, as a shell
+        shows it). Saves a Python start with torch and transformers imports per command."""
+        import contextlib
+        import io
+        import traceback
+
+        from vlmtax.cli import main
+
+        out, here = io.StringIO(), os.getcwd()
+        os.chdir(self.root)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                try:
+                    main(argv)
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                except Exception:  # noqa: BLE001 - a bug in the command: exit 1 with its traceback, as a shell
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            os.chdir(here)
+        return code, out.getvalue()
+
+
+SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[\]{}~]|^\w+=")
+
+
+def in_process(text: str) -> bool:
+    """A plain `vlmtax ...` line (no pipes, redirections, globs, variables or env prefixes) runs in-process
+    (Sandbox._in_process); anything else, and every line when VLMTAX_DOCS_SUBPROCESS=1, runs with bash -c."""
+    unquoted = re.sub(r"'[^']*'|\"[^\"$`\\]*\"", "''", text)  # quoted words hold no shell syntax
+    return (os.environ.get("VLMTAX_DOCS_SUBPROCESS") != "1" and text.split(" ", 1)[0] == "vlmtax"
+            and not SHELL_SYNTAX.search(unquoted))
 
 
 COMMANDS = all_commands()
