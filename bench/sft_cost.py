@@ -1,9 +1,9 @@
 """Cost model of one training step of the shipped recipes on the real checkpoints, without their weights.
 
-Qwen2-VL-2B, Qwen2-VL-7B and Qwen2.5-VL-3B are built on the meta device from their published
-`config.json` (copies in bench/configs/, sources in bench/configs/README.md), LoRA is attached with the
-same target regex `vlmtax sft` uses, and one training step (vision forward, language forward, loss,
-backward) runs on shape-only tensors. For each recipe it reports:
+Qwen2-VL-2B, Qwen2-VL-7B, Qwen2.5-VL-3B, Qwen3-VL-4B and Qwen3.5-2B are built on the meta device from
+their published `config.json` (copies in bench/configs/, sources in bench/configs/README.md), LoRA is
+attached with the same targets `vlmtax sft` uses (vlmtax.families), and one training step (vision
+forward, language forward, loss, backward) runs on shape-only tensors. For each recipe it reports:
 
 - FLOPs per step, counted by `torch.utils.flop_counter`, split into the vision tower, the language model
   and `lm_head` (+ loss), with gradient checkpointing on and off (its recompute shows in the backward);
@@ -13,17 +13,22 @@ backward) runs on shape-only tensors. For each recipe it reports:
   checkpointing off; with it on, the layer inputs plus one layer's saved tensors (the recompute);
 - what each lever saves: answer-only logits (vlmtax's loss) vs logits on every position, the vision
   cache (the tower never runs and need not sit on the GPU), and packing (removes `--padding` of the tokens).
+  A lever the family table refuses (vlmtax/families.py: both, for Qwen3-VL and Qwen3.5) is reported as
+  not applicable, with no saving.
 
-    python bench/sft_cost.py [--recipe recipes/qwen2vl_2b.yaml ...] [--batch-size N] [--max-pixels N]
-                             [--prompt-tokens 80] [--answer-tokens 48] [--photo 512x683] [--padding 0.1]
-                             [--json FILE]
+    python bench/sft_cost.py [--recipe recipes/qwen2vl_2b.yaml ...] [--prompt-tokens 80] [--answer-tokens 48]
+                             [--photo 512x683] [--padding 0.1] [--json FILE] [train.batch_size=N ...]
 
 Assumptions (all arguments): one 512 x 683 product photo per record (the Meesho catalogue's size, as in
 bench/prepare.py), resized into the recipe's pixel budget as the processor does; 80 prompt tokens (chat
 template + instruction) and 48 answer tokens. Estimated peak = weights + trainable states + saved
 activations + the largest backward transient (the fp32 logit gradient); compared with
 `torch.cuda.max_memory_allocated` it leaves out the CUDA context and allocator slack, so "fits" keeps
-1 GiB of the card free. QLoRA FLOPs are counted as 16-bit matmuls (dequantisation excluded).
+1 GiB of the card free. QLoRA FLOPs are counted as 16-bit matmuls (dequantisation excluded). Qwen3-VL's
+DeepStack features are computed (their mergers are in the vision FLOPs) but not added into the first
+language layers: the addition has no matmul and saves no tensor for the backward. Qwen3.5's gated-delta-net
+layers run transformers' PyTorch reference path (flash-linear-attention's Triton kernels cannot run on the
+meta device), so their FLOPs and saved tensors are that path's, an approximation of the fused GPU kernel's.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).resolve().parent / "configs"
-RECIPES = [ROOT / "recipes" / n for n in ("qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml")]
+RECIPES = [ROOT / "recipes" / n for n in ("qwen2vl_2b.yaml", "qwen25vl_3b.yaml", "qwen2vl_7b_qlora.yaml",
+                                          "qwen3vl_4b.yaml", "qwen35_2b.yaml")]
 GIB = 1024**3
 # Usable memory as nvidia-smi reports it (15360 MiB on a 16 GB T4, 23034 MiB on a 24 GB L4), minus 1 GiB
 # for the CUDA context and allocator slack that max_memory_allocated does not see.
@@ -95,7 +101,7 @@ def build(config: Any, recipe: Any, dtype: torch.dtype) -> Any:
     config.text_config._attn_implementation = "vlmtax_gpu_sdpa"
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    model = get_peft_model(model, lora_config(recipe)).to(dtype)
+    model = get_peft_model(model, lora_config(recipe, model)).to(dtype)
     model.train()
     return model
 
@@ -122,6 +128,11 @@ def vision_forward(model: Any, grid: torch.Tensor, batch: int, dtype: torch.dtyp
     if hasattr(vis, "window_size"):  # Qwen2.5-VL's windowed attention
         index, cu_window = vu.get_vision_window_index(grid, vis.spatial_merge_size, vis.window_size, vis.patch_size)
         kwargs.update(window_index=index.to("meta"), cu_window_seqlens=cu_window)
+    if hasattr(vis, "num_grid_per_side"):  # Qwen3-VL / Qwen3.5: learned position table resampled to the grid
+        index, weight = vu.get_vision_interpolation_indices_and_weights(
+            grid, vis.num_grid_per_side, vis.interpolation_mode, vis.interpolation_align_corners,
+            vis.spatial_merge_size)
+        kwargs.update(interp_indices=index.to("meta"), interp_weights=weight.to("meta"))
     with torch.no_grad():
         merged = vis(pixels, grid_thw=grid, **kwargs).pooler_output
     return merged, patches
@@ -220,6 +231,8 @@ def weight_bytes(model: Any, quantization: str | None) -> dict[str, float]:
 
 def estimate(recipe: Any, args: argparse.Namespace, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Every figure of one recipe (see the module docstring)."""
+    from vlmtax.families import family_of
+
     config = load_config(config_for(recipe.model))
     model = build(config, recipe, dtype)
     b = recipe.train.batch_size
@@ -230,7 +243,7 @@ def estimate(recipe: Any, args: argparse.Namespace, dtype: torch.dtype = torch.b
     _, vision = _count(lambda: vision_forward(model, grid, b, dtype))
     runs = {gc: language_step(model, b, seq, args.answer_tokens, gc) for gc in (False, True)}
     weights = weight_bytes(model, recipe.quantization)
-    return summarise(recipe, args, weights, vision, runs, image_tokens, seq, int(grid.prod()))
+    return summarise(recipe, args, weights, vision, runs, image_tokens, seq, int(grid.prod()), family_of(config))
 
 
 def activations(run: dict[str, Any], head: dict[str, int], checkpointing: bool) -> int:
@@ -241,7 +254,8 @@ def activations(run: dict[str, Any], head: dict[str, int], checkpointing: bool) 
 
 
 def summarise(recipe: Any, args: argparse.Namespace, weights: dict[str, float], vision: int,
-              runs: dict[bool, dict[str, Any]], image_tokens: int, seq: int, patches: int) -> dict[str, Any]:
+              runs: dict[bool, dict[str, Any]], image_tokens: int, seq: int, patches: int,
+              family: Any) -> dict[str, Any]:
     gc = recipe.train.gradient_checkpointing
     run, b = runs[gc], recipe.train.batch_size
     answer, full = run["heads"]["answer"], run["heads"]["all"]
@@ -254,7 +268,8 @@ def summarise(recipe: Any, args: argparse.Namespace, weights: dict[str, float], 
     est = peak(answer, gc)
     padded = args.padding / (1 - args.padding)  # extra tokens per real token when rows are padded
     return {
-        "recipe": recipe_name(recipe), "model": recipe.model, "batch_size": b, "max_pixels": recipe.image.max_pixels,
+        "recipe": recipe_name(recipe), "model": recipe.model, "family": family.label, "batch_size": b,
+        "max_pixels": recipe.image.max_pixels,
         "quantization": recipe.quantization, "gradient_checkpointing": gc, "vision_patches_per_image": patches,
         "image_tokens": image_tokens, "tokens_per_record": seq,
         "flops": {"vision": vision, "language": language, "lm_head": answer["flops"],
@@ -269,11 +284,18 @@ def summarise(recipe: Any, args: argparse.Namespace, weights: dict[str, float], 
         "fits": {card: est / GIB <= cap for card, cap in CARDS.items()},
         "levers": {
             "answer_only_logits": {"flops": full["flops"] - answer["flops"], "bytes": peak(full, gc) - est},
-            "vision_cache": {"flops": vision, "bytes": weights["vision"]},
-            "packing": {"padding": args.padding, "flops": round(padded * (language + answer["flops"])),
-                        "bytes": round(padded * (est - static - answer["transient"]))},
+            "vision_cache": lever(family.vision_cache, {"flops": vision, "bytes": weights["vision"]}),
+            "packing": {"padding": args.padding, **lever(family.packing, {
+                "flops": round(padded * (language + answer["flops"])),
+                "bytes": round(padded * (est - static - answer["transient"]))})},
         },
     }
+
+
+def lever(applicable: bool, saving: dict[str, float]) -> dict[str, Any]:
+    """A lever's saving, or None figures where the family table refuses it (vlmtax/families.py: the vision
+    cache misses Qwen3-VL's DeepStack features, packing would carry Qwen3.5's recurrent state across records)."""
+    return {"applicable": applicable, **(saving if applicable else dict.fromkeys(saving))}
 
 
 def recipe_name(recipe: Any) -> str:
@@ -300,10 +322,13 @@ def report(r: dict[str, Any]) -> str:
         f"  estimated peak {gb(r['peak_bytes'])} (checkpointing off: {gb(r['peak_bytes_checkpointing_off'])}); "
         f"fits: {fits}",
         f"  levers: answer-only logits save {tf(lv['answer_only_logits']['flops'])} and "
-        f"{gb(lv['answer_only_logits']['bytes'])}; the vision cache saves {tf(lv['vision_cache']['flops'])} "
-        f"(and {gb(lv['vision_cache']['bytes'])} if the tower stays off the GPU); packing at "
-        f"{lv['packing']['padding']:.0%} padding saves {tf(lv['packing']['flops'])} and "
-        f"{gb(lv['packing']['bytes'])}",
+        f"{gb(lv['answer_only_logits']['bytes'])}; " + (
+            f"the vision cache saves {tf(lv['vision_cache']['flops'])} (and {gb(lv['vision_cache']['bytes'])} "
+            "if the tower stays off the GPU)" if lv["vision_cache"]["applicable"] else
+            f"the vision cache: not applicable to {r['family']}") + "; " + (
+            f"packing at {lv['packing']['padding']:.0%} padding saves {tf(lv['packing']['flops'])} and "
+            f"{gb(lv['packing']['bytes'])}" if lv["packing"]["applicable"] else
+            f"packing: not applicable to {r['family']}"),
     ])
 
 
@@ -339,7 +364,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             recipe = load_recipe(path, args.overrides)
         except VlmtaxError as exc:
             sys.exit(f"error: {exc}")
-        results.append(estimate(recipe, args))
+        try:
+            results.append(estimate(recipe, args))
+        except VlmtaxError as exc:
+            sys.exit(f"error: {path}: {exc}")
         print(report(results[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

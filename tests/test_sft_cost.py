@@ -39,6 +39,7 @@ def test_tiny_recipe_figures_match_hand_counts(sft_cost, tiny_model_dir, tmp_pat
     assert r["flops"]["language_checkpointing_on"] > r["flops"]["language_checkpointing_off"]
     assert r["bytes"]["activations_checkpointing_on"] < r["bytes"]["activations_checkpointing_off"]
     assert r["flops"]["vision"] > 0 and r["levers"]["vision_cache"]["flops"] == r["flops"]["vision"]
+    assert r["levers"]["vision_cache"]["applicable"] and r["levers"]["packing"]["applicable"]
     # LoRA rank 4 on the seven linear layers of every language layer, fp32.
     heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
     dim, inter = hidden // heads, text["intermediate_size"]
@@ -51,3 +52,20 @@ def test_tiny_recipe_figures_match_hand_counts(sft_cost, tiny_model_dir, tmp_pat
 def test_model_without_config_is_an_error(sft_cost):
     with pytest.raises(SystemExit, match="error: no config for someone/Unknown-VL"):
         sft_cost.main(["--recipe", str(RECIPES / "qwen2vl_2b.yaml"), "model=someone/Unknown-VL"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_newer_families_report_refused_levers_as_not_applicable(sft_cost, family_model_dirs, family, capsys):
+    from vlmtax.families import FAMILIES
+
+    [r] = sft_cost.main(["--recipe", str(TINY_RECIPE), "--prompt-tokens", "8", "--answer-tokens", "4",
+                         f"model={family_model_dirs[family]}", "finetuning=lora", "freeze.vision=true",
+                         "freeze.projector=true", "train.batch_size=1", "image.max_pixels=16384", "lora.rank=2",
+                         "lora.modules_to_save=[]"])
+    label = FAMILIES[family].label
+    assert r["family"] == label and r["flops"]["vision"] > 0 and r["flops"]["language"] > 0
+    # Neither lever is open to these families (families.py), so neither gets a saving.
+    for name in ("vision_cache", "packing"):
+        assert r["levers"][name]["applicable"] is False and r["levers"][name]["flops"] is None
+    out = capsys.readouterr().out
+    assert f"the vision cache: not applicable to {label}" in out and f"packing: not applicable to {label}" in out
