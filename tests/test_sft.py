@@ -124,7 +124,9 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
     meta = json.loads((out / "vlmtax_meta.json").read_text())
     assert meta["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
     # The vision cache (on: tower and projector frozen) is shared: each rank encodes its own half, once.
-    encoded = [int(n) for n in re.findall(r"vision cache .*: \d+ images, \d+ missing, (\d+) encoded", proc.stderr)]
+    found = re.findall(r"(\d+) encoded by process (\d)", proc.stderr)
+    assert sorted(rank for _, rank in found) == ["0", "1"], proc.stderr[-3000:]
+    encoded = [int(n) for n, _ in found]
     [folder] = (out / "vision_cache").iterdir()
     assert len(encoded) == 2 and all(encoded) and sum(encoded) == len(list(folder.glob("*.safetensors")))
 

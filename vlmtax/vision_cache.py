@@ -172,6 +172,9 @@ def setup(trainer: Any, recipe: Recipe, processor: Any, records: list[dict[str, 
     cache.fill(model, processor, todo[acc.process_index::acc.num_processes], recipe.train.batch_size,
                acc.autocast)
     acc.wait_for_everyone()
-    print(f"vision cache {cache.dir}: {len(set(images))} images, {len(todo)} missing, {cache.computed} encoded by "
-          f"process {acc.process_index}", file=sys.stderr, flush=True)
+    # One write of the whole line: print() writes the text and the newline separately, and two processes'
+    # lines then run together on a shared stderr.
+    sys.stderr.write(f"vision cache {cache.dir}: {len(set(images))} images, {len(todo)} missing, {cache.computed} "
+                     f"encoded by process {acc.process_index}\n")
+    sys.stderr.flush()
     return cache
