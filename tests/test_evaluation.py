@@ -68,3 +68,26 @@ def test_stratified_sample_is_fixed_and_keeps_every_category():
 def test_bad_combinations_are_one_line_errors(tiny_model_dir, prepared_dir, tmp_path, extra, message):
     with pytest.raises(VlmtaxError, match=message):
         sft(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "train.max_steps=1", *extra))
+
+
+def test_generate_route_decodes_with_the_runs_template(json_run_dir, synth_dir, tmp_path):
+    """The in-training metric decodes as predict does, in the run's own answer layout (here JSON)."""
+    from vlmtax.evaluation import generate_route, plan_eval_rows
+    from vlmtax.fileio import read_csv
+    from vlmtax.loading import load_for_inference, load_taxonomy
+    from vlmtax.predict import predict
+    from vlmtax.records import load_records
+
+    data = json_run_dir.parent / "data"
+    taxonomy = load_taxonomy(json_run_dir, None)
+    assert taxonomy.template.name == "json"
+    truth = read_csv(data / "val.csv", "truth", ["id", "Category"]).head(8)
+    truth.to_csv(tmp_path / "val8.csv", index=False)
+    rows = plan_eval_rows(truth, load_records(data, "val.json"), taxonomy)
+    model, processor, _ = load_for_inference(json_run_dir)
+    decoded = generate_route(processor, 4, taxonomy.template)(model, rows)
+    predict(model=json_run_dir, csv=tmp_path / "val8.csv", images=synth_dir / "train_images",
+            out=tmp_path / "sub.csv", probs=tmp_path / "p.jsonl", batch_size=4)
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    for row, line in zip(rows, lines):
+        assert decoded[row.index]["values"] == {a: v["value"] for a, v in line["attributes"].items()}

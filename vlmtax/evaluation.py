@@ -25,6 +25,7 @@ from vlmtax.errors import VlmtaxError
 from vlmtax.metric import MetricResult, compute_metric
 from vlmtax.predict import Row, _decode_batch, _outputs, make_batches
 from vlmtax.taxonomy import Taxonomy
+from vlmtax.template import Template
 
 PredictRows = Callable[[Any, list[Row]], dict[int, dict[str, Any]]]
 
@@ -77,13 +78,14 @@ def plan_eval_rows(truth: pd.DataFrame, records: list[dict[str, Any]], taxonomy:
     return rows
 
 
-def generate_route(processor: Any, batch_size: int) -> PredictRows:
-    """The generate route's rows -> records: predict's constrained decoder on the model being trained."""
+def generate_route(processor: Any, batch_size: int, template: Template) -> PredictRows:
+    """The generate route's rows -> records: predict's constrained decoder on the model being trained, in the
+    run's answer layout (`template`, the taxonomy's), as predict decodes the finished run."""
     from vlmtax.decoding import ConstrainedDecoder
 
     def run(model: Any, rows: list[Row]) -> dict[int, dict[str, Any]]:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
-        decoder = ConstrainedDecoder(base, processor)
+        decoder = ConstrainedDecoder(base, processor, template)
         done: dict[int, dict[str, Any]] = {}
         for batch in make_batches(rows, batch_size):
             done.update((rec["row"], rec) for rec in _decode_batch(decoder, batch, False))
@@ -190,7 +192,7 @@ def attach(trainer: Any, recipe: Any, processor: Any, taxonomy: Taxonomy, val_re
     if t.eval_metric:
         truth = sample_truth(read_csv(recipe.data / "val.csv", "validation truth", ["id", "Category"]),
                              t.eval_rows, t.seed)
-        callback = MetricCallback(predict_rows or generate_route(processor, t.batch_size),
+        callback = MetricCallback(predict_rows or generate_route(processor, t.batch_size, taxonomy.template),
                                   plan_eval_rows(truth, val_records, taxonomy), truth, taxonomy,
                                   Path(recipe.output_dir), trainer.log, trainer.is_world_process_zero)
         trainer.add_callback(callback)
