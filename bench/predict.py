@@ -123,7 +123,7 @@ def _load(model_path: Path, csv: Path, images: Path, taxonomy_path: Path | None)
     taxonomy = load_taxonomy(model_path, taxonomy_path)
     model, processor, _ = load_for_inference(model_path)
     rows = plan_rows(read_csv(csv, "test CSV", ["id", "Category"]), taxonomy, Path(images), "{id:06d}.jpg")
-    return model, processor, rows
+    return model, processor, rows, taxonomy.template
 
 
 def _batches(rows, batch_size: int) -> list:
@@ -131,10 +131,10 @@ def _batches(rows, batch_size: int) -> list:
             for batch in make_batches(rows, batch_size)]
 
 
-def speed(model, processor, rows, batch_size: int, rounds: int) -> tuple[bool, float]:
+def speed(model, processor, rows, template, batch_size: int, rounds: int) -> tuple[bool, float]:
     batches = _batches(rows, batch_size)
-    plans = AnswerPlans(processor.tokenizer)
-    decoder = ConstrainedDecoder(model, processor)
+    plans = AnswerPlans(processor.tokenizer, template)  # the run's answer layout, as predict decodes it
+    decoder = ConstrainedDecoder(model, processor, template)
     tree = decoder.family.tree_mask
     bound = [max(len(c.attributes) for c in cats) + 2 if tree else 2 * sum(len(c.attributes) for c in cats) + 2
              for _, cats in batches]
@@ -162,11 +162,11 @@ def speed(model, processor, rows, batch_size: int, rounds: int) -> tuple[bool, f
     return ratio >= 2 and within, ratio
 
 
-def memory(model, processor, rows, batch_size: int) -> float:
+def memory(model, processor, rows, template, batch_size: int) -> float:
     images, cats = max(_batches(rows, batch_size), key=lambda b: sum(len(a.values) for c in b[1]
                                                                        for a in c.attributes))
-    plans = AnswerPlans(processor.tokenizer)
-    decoder = ConstrainedDecoder(model, processor)
+    plans = AnswerPlans(processor.tokenizer, template)
+    decoder = ConstrainedDecoder(model, processor, template)
     run_gen = lambda: generate_answers(model, processor, images, cats, plans)  # noqa: E731
     run_con = lambda: decoder.decode(images, cats)  # noqa: E731
     run_gen(), run_con()  # warm-up: one-time allocations are not the decoder's
@@ -225,10 +225,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family in [f.strip() for f in args.family.split(",") if f.strip()]:
             model_path, csv, images, taxonomy_path = _setup(args, Path(tmp), family)
-            model, processor, rows = _load(model_path, csv, images, taxonomy_path)
+            model, processor, rows, template = _load(model_path, csv, images, taxonomy_path)
             print(f"model {model_path}")
             for batch_size in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-                ok &= speed(model, processor, rows, batch_size, args.rounds)[0]
+                ok &= speed(model, processor, rows, template, batch_size, args.rounds)[0]
         if args.scale_rows:
             ok &= scale_out(model_path, taxonomy_path, args.scale_rows, Path(tmp)) >= 1.4
         if args.memory_batch:
@@ -237,8 +237,8 @@ def main() -> int:
 
                 model_path = build_tiny_model(Path(tmp) / "tiny-wide", seed=0, vocab_size=args.vocab_size)
             del model
-            model, processor, rows = _load(model_path, csv, images, taxonomy_path)
-            ok &= memory(model, processor, rows, args.memory_batch) <= 2
+            model, processor, rows, template = _load(model_path, csv, images, taxonomy_path)
+            ok &= memory(model, processor, rows, template, args.memory_batch) <= 2
     return 0 if ok else 1
 
 
