@@ -34,6 +34,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: file order kept otherwise
 
 
+def cli_exit_code(argv: list[str]) -> int:
+    """`vlmtax ARGV` in this process through the console script's own function: the exit code it gives."""
+    from vlmtax.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
 def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """`key=value` overrides pointing a recipe at the tiny model, a prepared data dir and an output dir."""
     return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]

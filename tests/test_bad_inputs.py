@@ -22,10 +22,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import TINY_RECIPE, tiny_overrides
+from conftest import TINY_RECIPE, cli_exit_code, tiny_overrides
 from PIL import Image
-
-from vlmtax.cli import main
 
 # Bind transformers' log handler to the session's stderr now: bound inside one case's capsys, it would write
 # to a closed stream in the next case and print a logging traceback.
@@ -176,7 +174,7 @@ def _extra_field(c: Ctx) -> list[str]:
 
 
 def _prepared_then_user_file(c: Ctx) -> list[str]:
-    assert main_code(c.prepare_args()) == 0
+    assert cli_exit_code(c.prepare_args()) == 0
     c.file("out/notes.txt")
     return c.prepare_args()
 
@@ -589,14 +587,6 @@ def _assert_absent(path: Path) -> None:
     assert not path.exists(), f"{path} was written"
 
 
-def main_code(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.verb}: {c.name}" for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch, capsys):
     ctx = Ctx(tmp_path, request)
@@ -606,7 +596,7 @@ def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, m
     if case.patch is not None:
         case.patch(ctx, monkeypatch)
     capsys.readouterr()
-    code = main_code(argv)
+    code = cli_exit_code(argv)
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert code == case.code, err

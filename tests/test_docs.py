@@ -217,17 +217,14 @@ class Sandbox:
         import io
         import traceback
 
-        from vlmtax.cli import main
+        from conftest import cli_exit_code
 
         out, here = io.StringIO(), os.getcwd()
         os.chdir(self.root)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 try:
-                    main(argv)
-                    code = 0
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                    code = cli_exit_code(argv)
                 except Exception:  # noqa: BLE001 - a bug in the command: exit 1 with its traceback, as a shell
                     traceback.print_exc()
                     code = 1
