@@ -209,3 +209,22 @@ def test_decoder_refuses_flash_attention_and_non_finite_scores(untrained, rows):
     with pytest.raises(VlmtaxError, match=r"non-finite value scores while decoding in float32") as err:
         decoder.decode(rows[0][:2], rows[1][:2])
     assert "--dtype fp32" in err.value.fix
+
+
+@pytest.mark.parametrize("template", ["lines", "json"])
+def test_prompts_equal_the_processor_output_left_padded(template, rows, untrained):
+    """The decoders' prompts (the training builder, image tokens expanded from each image's grid) equal the
+    processor's own call on the templated texts, padding and image sizes differing within the batch."""
+    from vlmtax.chat import prompt_text
+    from vlmtax.decoding import encode_prompts
+
+    _, processor = untrained
+    images, categories = rows
+    tmpl = load_template(DATA_TEMPLATES / f"{template}.yaml")
+    ours = encode_prompts(processor, images, categories, torch.device("cpu"), tmpl)
+    texts = [prompt_text(processor, render_prompt(c, tmpl), tmpl.system) for c in categories]
+    theirs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert set(ours) == set(theirs)
+    assert (theirs["attention_mask"] == 0).any()  # left padding is exercised
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key

@@ -171,6 +171,19 @@ def test_cli_smoke(trained_run_dir, case, tmp_path):
     assert "model folder not found" in errors[0]
 
 
+def test_several_processes_stop_together_on_bad_input(trained_run_dir, case, tmp_path):
+    """Process 1 is launched before process 0 reads the CSV; when that read fails, process 1 is stopped: one error
+    line, exit 2, and no partial file or output left behind."""
+    _, images = case
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,Categoryy\n1,Kurtis\n")
+    out = tmp_path / "out.csv"
+    proc = _cli("--model", trained_run_dir, "--csv", bad, "--images", images, "--out", out, "--num-processes", "2")
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Category" in errors[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_dir, prepared_dir, case, tmp_path):
     """Batch n goes to process n mod 2; process 1 is killed after its first batch; the rerun decodes only what

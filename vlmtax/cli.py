@@ -188,7 +188,7 @@ def predict(
     image_pattern: Annotated[str, typer.Option(help="Image file name from the id.")] = "{id:06d}.jpg",
     dtype: Annotated[DType, typer.Option(help="Inference dtype (auto: fp32 on CPU, bf16/fp16 on GPU).")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
-    num_processes: Annotated[int, typer.Option(help="Data-parallel processes (accelerate launch).")] = 1,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel processes, each decoding a share.")] = 1,
 ) -> None:
     """Predict attribute values for a test CSV and write a submission CSV."""
     from vlmtax.predict import predict as run

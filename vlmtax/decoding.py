@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from vlmtax.answer import DEFAULT_TEMPLATE, escape, layout, parse_answer, render_prompt, snap
-from vlmtax.chat import SegmentTokenizer, prompt_text
+from vlmtax.chat import SegmentTokenizer, SequenceBuilder
 from vlmtax.errors import VlmtaxError
 from vlmtax.families import family_of
 from vlmtax.taxonomy import Category
@@ -80,6 +80,13 @@ class AnswerPlans:
         self.segments = SegmentTokenizer(tokenizer)
         self.template = template
         self._plans: dict[str, Plan] = {}
+        self._sequences: SequenceBuilder | None = None
+
+    def sequences(self, processor: Any) -> SequenceBuilder:
+        """The prompt builder for `processor` in this template (its per-category prompt ids are kept)."""
+        if self._sequences is None or self._sequences.processor is not processor:
+            self._sequences = SequenceBuilder(processor, self.template.system)
+        return self._sequences
 
     def __call__(self, category: Category) -> Plan:
         if category.name not in self._plans:
@@ -109,10 +116,18 @@ class AnswerPlans:
 
 
 def encode_prompts(processor: Any, images: list[Any], categories: list[Category], device: torch.device,
-                   template: Template = DEFAULT_TEMPLATE) -> dict:
-    """Templated prompts + images, left padded (the processor's tokenizer is set to pad on the left)."""
-    texts = [prompt_text(processor, render_prompt(c, template), template.system) for c in categories]
-    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+                   template: Template = DEFAULT_TEMPLATE, sequences: SequenceBuilder | None = None) -> dict:
+    """Templated prompts + images, left padded, built by the training builder (`chat.SequenceBuilder`: the
+    processor's own output, without re-tokenising each row's expanded image tokens); pass the same
+    `sequences` across batches and each category's prompt is tokenised once."""
+    sequences = sequences or SequenceBuilder(processor, template.system)
+    vision, counts = sequences.image_inputs(images)
+    ids = [sequences.prompt_ids(render_prompt(c, template), [n]) for c, n in zip(categories, counts)]
+    width, pad = max(map(len, ids)), processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], dtype=torch.long)
+    enc = {"input_ids": input_ids, "attention_mask": mask,
+           "mm_token_type_ids": (input_ids == sequences.image_pad).long() * mask, **vision}
     return {k: v.to(device) for k, v in enc.items()}
 
 
@@ -151,7 +166,8 @@ class ConstrainedDecoder:
 
     def _prompt(self, images: list[Any], categories: list[Category]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded prompt inputs with their (M-RoPE) positions, and each row's next text position."""
-        enc = encode_prompts(self.processor, images, categories, self.model.device, self.template)
+        enc = encode_prompts(self.processor, images, categories, self.model.device, self.template,
+                             self.plans.sequences(self.processor))
         mask2d = enc["attention_mask"]
         text = (mask2d.cumsum(-1) - 1).clamp(min=0)
         if "image_grid_thw" in enc:
@@ -276,7 +292,7 @@ def generate_answers(model: Any, processor: Any, images: list[Any], categories: 
                      plans: AnswerPlans) -> list[str]:
     """Plain greedy `generate` of the answer text, with a budget of the longest possible answer."""
     tok = processor.tokenizer
-    enc = encode_prompts(processor, images, categories, model.device, plans.template)
+    enc = encode_prompts(processor, images, categories, model.device, plans.template, plans.sequences(processor))
     budget = max(plans(c).max_tokens for c in categories)
     stop = sorted({*plans.segments.end_ids, tok.eos_token_id} - {None})
     with torch.no_grad():

@@ -26,7 +26,16 @@ from PIL import Image
 from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, row_images
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_csv, write_csv
-from vlmtax.predict_shares import Partial, Share, decode_launched, launched_share, other_partials, rank_device
+from vlmtax.predict_shares import (
+    Launched,
+    Partial,
+    Share,
+    decode_launched,
+    launched_share,
+    other_partials,
+    rank_device,
+    saved_rows,
+)
 from vlmtax.progress import progress_iter
 from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
@@ -207,12 +216,11 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the submission CSV (and `<out stem>.rejects.csv`, and `probs` if given); returns a summary.
 
-    `num_processes` > 1: N launched processes decode disjoint shares of the batches (batch n goes to process
-    n mod N) into their own partial files; this process writes the final files once every share is complete.
+    `num_processes` > 1: processes 1..N-1 are launched first, so that their start-up overlaps this one's;
+    each process decodes a disjoint share of the batches (batch n goes to process n mod N, this one is
+    process 0) into its own partial file; this process writes the final files once every share is complete.
     `on_batch(n)` is called after the n-th decoded batch has been saved (progress hooks, tests).
     """
-    from vlmtax.loading import default_device, inspect_model_dir, load_taxonomy
-
     csv, images, out = Path(csv), Path(images), Path(out)
     if mode not in MODES:
         raise VlmtaxError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
@@ -226,45 +234,62 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"--out {out} is the same file as --probs", "pass two different paths")
     if not images.is_dir():
         raise VlmtaxError(f"image folder not found: {images}", "pass --images DIR holding the test images")
-    default_device(device)
     rejects_path = _guard_paths(Path(model), csv, images, taxonomy, template, out, probs)
-    from vlmtax.heads_predict import heads_run_root
+    args = {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy, "template": template,
+            "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern, "dtype": dtype,
+            "device": device}
+    launched, saved = None, set()
+    if num_processes > 1 and launched_share() is None:
+        other_partials(out, num_processes)
+        saved = saved_rows(out, num_processes)
+        launched = Launched(num_processes, [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if v is not None])
+    try:
+        return _predict(args, num_processes, rejects_path, on_batch, launched, saved)
+    except BaseException:
+        if launched is not None:
+            launched.stop()
+        raise
 
+
+def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_batch: Callable[[int], None] | None,
+             launched: Launched | None, saved: set[int]) -> dict[str, Any]:
+    """predict() past its argument checks (and, with several processes, past the launch)."""
+    from vlmtax.heads_predict import heads_run_root
+    from vlmtax.loading import default_device, inspect_model_dir, load_taxonomy
+
+    model, csv, images, out, probs, mode = (args[k] for k in ("model", "csv", "images", "out", "probs", "mode"))
+    default_device(args["device"])
     heads_root = heads_run_root(model)
     if heads_root is not None and mode != "constrained":
         raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
                           "drop --mode free (classify runs predict with the default mode)")
     vlm_path = inspect_model_dir(model).path if heads_root is None else None
-    tax = load_taxonomy(model, taxonomy, template)
+    tax = load_taxonomy(model, args["taxonomy"], args["template"])
     frame = read_csv(csv, "test CSV", ["id", "Category"])
-
-    rows = plan_rows(frame, tax, images, image_pattern)
-    batches = make_batches(rows, batch_size)
+    rows = plan_rows(frame, tax, images, args["image_pattern"])
+    batches = make_batches(rows, args["batch_size"])
     fingerprint = {"csv_sha256": file_sha256(csv), "model": str(Path(model).resolve()), "images": str(images.resolve()),
                    "taxonomy_sha256": hashlib.sha256(tax.model_dump_json().encode()).hexdigest(), "mode": mode,
-                   "batch_size": batch_size, "image_pattern": image_pattern, "probs": probs is not None,
-                   "dtype": dtype}
-    want_probs = probs is not None
+                   **{k: args[k] for k in ("batch_size", "image_pattern", "dtype")}, "probs": probs is not None}
     share = launched_share()
-    if share is not None:  # a launched process: its share only; the launching process writes the outputs
-        _, todo, _ = _decode_share(share, _decoder_factory(model, vlm_path, tax, dtype, rank_device(device), mode),
-                                   batches, share.partial(out, fingerprint), mode, want_probs, on_batch)
-        return {"share": [share.index, share.count], "decoded": todo}
-    other_partials(out, num_processes)
-    shares = [Share(i, num_processes) for i in range(num_processes)]
-    started, forwards = time.perf_counter(), 0
-    if num_processes == 1:
-        done, todo, forwards = _decode_share(shares[0], _decoder_factory(model, vlm_path, tax, dtype, device, mode),
-                                             batches, shares[0].partial(out, fingerprint), mode, want_probs,
-                                             on_batch)
+    several = share is not None or launched is not None
+    make_decoder = _decoder_factory(model, vlm_path, tax, args["dtype"],
+                                    rank_device(args["device"]) if several else args["device"], mode)
+
+    def decode(s: Share) -> tuple[dict[int, dict[str, Any]], int, int]:
+        return _decode_share(s, make_decoder, batches, s.partial(out, fingerprint), mode, probs is not None, on_batch)
+
+    if share is not None:  # a launched process: its share only; process 0 writes the outputs
+        return {"share": [share.index, share.count], "decoded": decode(share)[1]}
+    started = time.perf_counter()
+    if launched is None:
+        other_partials(out, num_processes)
+        done, todo, forwards = decode(Share(0, num_processes))
     else:
-        argv = [f"--{k.replace('_', '-')}={v}" for k, v in
-                {"model": model, "csv": csv, "images": images, "out": out, "taxonomy": taxonomy, "template": template,
-                 "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern,
-                 "dtype": dtype, "device": device}.items() if v is not None]
-        done, todo = decode_launched(shares, out, fingerprint, batches, argv)
+        (done, todo), forwards = decode_launched([Share(i, num_processes) for i in range(num_processes)], out,
+                                                 fingerprint, batches, launched, decode, saved), 0
     seconds = time.perf_counter() - started
-    partials = [s.partial(out, fingerprint).path for s in shares]
+    partials = [Share(i, num_processes).partial(out, fingerprint).path for i in range(num_processes)]
     report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
     for path in partials:
         path.unlink(missing_ok=True)

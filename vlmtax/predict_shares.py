@@ -8,10 +8,12 @@ rows; a torn last line (the process was killed mid-write) is decoded again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,31 +82,55 @@ def launched_share() -> Share | None:
     return None
 
 
-def _launch(num_processes: int, argv: list[str]) -> None:
-    """Start N copies of `vlmtax predict`, process i with RANK=LOCAL_RANK=i and WORLD_SIZE=N, and wait for all.
+class Launched:
+    """Processes 1..N-1 of `predict --num-processes N`: copies of `vlmtax predict` with RANK=LOCAL_RANK=i and
+    WORLD_SIZE=N, started before this process (process 0) reads the CSV, checks the images and loads the
+    model, so their start-up overlaps its own; it then decodes share 0 itself.
 
     The shares never communicate (each reads its batches and writes its own partial file), so no launcher
     or rendezvous is needed: plain processes start faster than `accelerate launch` / torchrun, which would
     add a process of its own and its imports. Without a GPU each process gets the CPU's cores divided
     among the processes as torch threads (OMP_NUM_THREADS, unless set). A failed process does not stop the
     others; its share stays resumable."""
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
-    procs: list[subprocess.Popen] = []
-    try:
-        for i in range(num_processes):
-            env = {**os.environ, "VLMTAX_LAUNCHED": "1", "RANK": str(i), "LOCAL_RANK": str(i),
-                   "WORLD_SIZE": str(num_processes), "OMP_NUM_THREADS": threads}
-            procs.append(subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", *argv], env=env))
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:  # interrupted (Ctrl-C): no process is left decoding behind the user's back
+
+    def __init__(self, num_processes: int, argv: list[str]):
+        self.threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // num_processes))
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for i in range(1, num_processes):
+                env = {**os.environ, "VLMTAX_LAUNCHED": "1", "RANK": str(i), "LOCAL_RANK": str(i),
+                       "WORLD_SIZE": str(num_processes), "OMP_NUM_THREADS": str(self.threads)}
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", *argv], env=env))
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait(self) -> None:
+        """Wait for every launched process; an error if any failed (its share stays resumable)."""
+        failed = [c for c in (p.wait() for p in self.procs) if c != 0]
+        if failed:
+            raise VlmtaxError(f"a prediction process exited with code {failed[0]}; the finished shares are kept",
+                              "rerun the same command to resume")
+
+    def stop(self) -> None:
+        """This process failed or was interrupted (Ctrl-C): no process is left decoding behind the user's back."""
+        for p in self.procs:
             if p.poll() is None:
                 p.terminate()
                 p.wait()
-    failed = [c for c in codes if c != 0]
-    if failed:
-        raise VlmtaxError(f"a prediction process exited with code {failed[0]}; the finished shares are kept",
-                          "rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Process 0 decodes its share with the launched processes' thread count, then restores its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rank_device(device: str | None) -> str | None:
@@ -125,6 +151,21 @@ def other_partials(out: Path, num_processes: int) -> None:
                           f"rerun with --num-processes {count} to resume it, or delete it to start over")
 
 
+def saved_rows(out: Path, num_processes: int) -> set[int]:
+    """The rows already in the shares' partial files, read before any process is launched (the fingerprint is
+    checked later, by each share's own process)."""
+    rows: set[int] = set()
+    for i in range(num_processes):
+        path = Share(i, num_processes).partial(out, {}).path
+        lines = path.read_text(encoding="utf-8").split("\n")[1:] if path.is_file() else []
+        for line in lines:
+            try:
+                rows.add(json.loads(line)["row"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+    return rows
+
+
 def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]]:
     done: dict[int, dict[str, Any]] = {}
     for s in shares:
@@ -132,18 +173,17 @@ def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict
     return done
 
 
-
-
 def decode_launched(shares: list[Share], out: Path, fingerprint: dict[str, Any], batches: list[list[Any]],
-                    argv: list[str]) -> tuple[dict[int, dict[str, Any]], int]:
-    """Launch the processes if any row is still missing, then every share's rows: (rows done, rows decoded)."""
+                    launched: Launched, decode_own: Callable[[Share], Any],
+                    saved: set[int]) -> tuple[dict[int, dict[str, Any]], int]:
+    """Share 0 decoded here by `decode_own` while the launched processes decode the others; then every
+    share's rows and how many were decoded by this command (`saved`: the rows there before it started)."""
+    with torch_threads(launched.threads):
+        decode_own(shares[0])
+    launched.wait()
     done = _merged(shares, out, fingerprint)
-    todo = sum(r.index not in done for b in batches for r in b)
-    if todo:
-        _launch(len(shares), argv)
-        done = _merged(shares, out, fingerprint)
     missing = [r.index for b in batches for r in b if r.index not in done]
     if missing:
         raise VlmtaxError(f"{len(missing)} row(s) were not decoded by any process (first: input row {missing[0]})",
                           "rerun the same command to resume")
-    return done, todo
+    return done, sum(r.index not in saved for b in batches for r in b)

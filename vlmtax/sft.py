@@ -289,9 +289,25 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
+    """Train either route in this process (one rank of a launched run, or the only process)."""
+    try:
+        return _train(recipe, hw or Hardware.detect())
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: a gloo group left to the exit-time destructors
+    aborted a rank ("terminate called without an active exception", exit -6) after a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train(recipe: Recipe, hw: Hardware) -> Path:
     from vlmtax.train_loop import build_trainer
 
-    hw = hw or Hardware.detect()
     if recipe.task == "classify":
         from vlmtax.classify import train_classify
 
