@@ -203,12 +203,12 @@ class ConstrainedDecoder:
             slots = [plans[r].slots[step] for r in active]
             scores, cache, keymask, next_pos = self._step(cache, keymask, next_pos, forced, slots,
                                                           prompt if step == 0 else None)
-            choice = scores.argmax(dim=1).tolist()
+            choice, listed = scores.argmax(dim=1).tolist(), scores.tolist()
             keep, forced = [], []
             for a, r in enumerate(active):
                 slot, k = slots[a], choice[a]
                 results[r].values[slot.attribute] = slot.values[k]
-                results[r].logliks[slot.attribute] = scores[a, : len(slot.values)].tolist()
+                results[r].logliks[slot.attribute] = listed[a][: len(slot.values)]
                 if step + 1 < len(plans[r].slots):
                     keep.append(a)
                     forced.append(slot.value_ids[k] + slot.next_ids)
