@@ -184,6 +184,43 @@ def test_several_processes_stop_together_on_bad_input(trained_run_dir, case, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
 
 
+def _processes_writing(out: Path) -> list[int]:
+    """PIDs whose command line names `out` (the launched copies of `vlmtax predict` carry --out=OUT)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"--out={out}".encode() in cmdline.read_bytes().split(b"\0"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the launched processes' parent-death signal is Linux's")
+def test_killing_the_command_stops_the_processes_it_launched(trained_run_dir, case, tmp_path):
+    """SIGKILL of `predict --num-processes 2` (process 0) takes the process it launched down with it, so a rerun
+    never races a leftover process on the same partial file."""
+    import time
+
+    csv, images = case
+    out = tmp_path / "k.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", "--model", str(trained_run_dir), "--csv",
+                             str(csv), "--images", str(images), "--out", str(out), "--num-processes", "2"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not _processes_writing(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_writing(out), "process 1 was never launched"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_writing(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_writing(out)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_a_killed_process(tiny_model_dir, prepared_dir, case, tmp_path):
     """Batch n goes to process n mod 2; process 1 is killed after its first batch; the rerun decodes only what

@@ -82,6 +82,15 @@ def launched_share() -> Share | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In a launched process (Linux): SIGTERM when process 0 dies, killed or not, so that a rerun never finds the
+    previous run's processes still appending to the partial files (they keep the rows already written)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class Launched:
     """Processes 1..N-1 of `predict --num-processes N`: copies of `vlmtax predict` with RANK=LOCAL_RANK=i and
     WORLD_SIZE=N, started before this process (process 0) reads the CSV, checks the images and loads the
@@ -100,7 +109,8 @@ class Launched:
             for i in range(1, num_processes):
                 env = {**os.environ, "VLMTAX_LAUNCHED": "1", "RANK": str(i), "LOCAL_RANK": str(i),
                        "WORLD_SIZE": str(num_processes), "OMP_NUM_THREADS": str(self.threads)}
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", *argv], env=env))
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "vlmtax", "predict", *argv], env=env,
+                                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None))
         except BaseException:
             self.stop()
             raise
