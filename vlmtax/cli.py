@@ -272,7 +272,7 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
     -> score for the generate route; a tiny CLIP with heads (recipes/tiny_heads_cpu.yaml) for the classify
     route; tune on the validation split and ensemble on test. Prints the three scores next to the constant
-    baseline. About 15 minutes on a 2-core CPU; stages already done in --workdir are kept.
+    baseline. About 6 minutes on a 2-core CPU; stages already done in --workdir are kept.
     """
     from vlmtax.demo import demo as run
 
