@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -188,3 +193,48 @@ def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepa
     again = tmp_path / "again.csv"
     predict(model=out, csv=out / "eval" / "truth.csv", images=synth_dir / "train_images", out=again, batch_size=8)
     assert again.read_text() == (out / "eval" / f"predictions-step{best['step']}.csv").read_text()
+
+
+def _launch(*args: str, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`vlmtax sft` of the heads recipe as `--num-processes 2` (or `script` under accelerate, as that launches it)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    if script is None:
+        cmd = [sys.executable, "-m", "vlmtax", "sft", str(HEADS_RECIPE), "--num-processes", "2", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), "sft",
+               str(HEADS_RECIPE), *args]
+        env["VLMTAX_LAUNCHED"] = "1"
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_two_process_cpu_run(mode, tiny_clip_dir, prepared_dir, tmp_path):
+    """`sft --num-processes 2` on the classify route is data-parallel: one epoch takes half the steps of one
+    process (each rank a share of every batch), the run is complete, and frozen mode shares its feature cache."""
+    out = tmp_path / "ddp"
+    proc = _launch(*tiny_overrides(tiny_clip_dir, prepared_dir, out, f"heads.cache_dir={tmp_path / 'cache'}",
+                                   "train.batch_size=8", "train.eval=false", "train.epochs=1",
+                                   "heads.extract_batch_size=16", f"heads.mode={mode}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    rows = len(json.loads((prepared_dir / "train.json").read_text()))
+    assert meta["global_step"] == math.ceil(rows / (8 * 2)), (meta["global_step"], rows)
+    assert (out / "classifier.json").is_file() and Taxonomy.load(out / "taxonomy.json").categories
+    if mode == "frozen":
+        [folder] = (tmp_path / "cache").iterdir()
+        assert any(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_clip_dir, prepared_dir, tmp_path):
+    """A NaN loss on rank 1 only: both ranks stop with the same one-line error instead of rank 0 hanging."""
+    root = Path(__file__).resolve().parents[1]
+    proc = _launch(*tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "nan", *FAST, "heads.mode=frozen",
+                                   f"heads.cache_dir={tmp_path / 'cache'}"), script=root / "tests" / "nan_on_rank1.py")
+    errors = re.findall(r"error: .*", proc.stderr)
+    assert proc.returncode != 0
+    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    assert "non-finite loss at step 0 on 1 of 2 processes" in errors[0]

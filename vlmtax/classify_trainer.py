@@ -14,13 +14,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
-from vlmtax.errors import VlmtaxError
 from vlmtax.evaluation import eval_args
 from vlmtax.heads import Classifier, category_groups, values_mask
 from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_table
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
-from vlmtax.train_loop import StartStep
+from vlmtax.train_loop import StartStep, stop_if_non_finite
 
 
 def heads_loss_tables(cfg: LossCfg, data: ClassifyData, attribute_weights: dict[str, float]) -> list[CategoryLoss]:
@@ -65,10 +64,10 @@ class HeadsTrainer(Trainer):
         outputs = model(**inputs)
         progress = self.state.global_step / max(self.state.max_steps, 1)
         loss = heads_loss(outputs, targets, self.loss_tables, self.loss_cfg, progress)
-        if model.training and not torch.isfinite(loss.detach()):
+        if model.training:
             fix = ("fp16 overflowed: use precision=bf16 or fp32, or a lower train.lr" if self.precision == "fp16"
                    else "lower train.lr (or heads.backbone_lr) or check the data")
-            raise VlmtaxError(f"non-finite loss ({loss.item()}) at step {self.state.global_step}", fix)
+            stop_if_non_finite(self, loss, fix)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -85,8 +84,9 @@ def heads_args(recipe: Recipe, precision: str, has_eval: bool) -> TrainingArgume
         save_total_limit=t.save_total_limit, **eval_args(recipe, has_eval),
         dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False, prediction_loss_only=True, label_names=["targets"],
-        # frozen mode trains heads only; the backbone's unused pooler would stall DDP otherwise
-        ddp_find_unused_parameters=recipe.heads.mode != "frozen",
+        use_cpu=not torch.cuda.is_available(),  # launched ranks on a CPU join over gloo only when told so
+        # the heads of a category absent from a batch get no gradient in that step, in every mode
+        ddp_find_unused_parameters=True,
         **save,
     )
 

@@ -50,18 +50,22 @@ class GuardedTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _stop_if_non_finite(self, loss: torch.Tensor) -> None:
-        """Every rank stops with the same error: one rank raising alone would leave the others waiting in the
-        next all-reduce. Costs one tiny all-reduce per step, and only with more than one process."""
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        n_bad = int(bad.item())
-        if n_bad:
-            fix = ("fp16 overflows in Qwen2-VL: use precision=bf16 (Ampere or newer), precision=fp32, "
-                   "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
-            where = f" on {n_bad} of {self.accelerator.num_processes} processes" \
-                if self.accelerator.num_processes > 1 else ""
-            raise VlmtaxError(f"non-finite loss at step {self.state.global_step}{where}", fix)
+        fix = ("fp16 overflows in Qwen2-VL: use precision=bf16 (Ampere or newer), precision=fp32, "
+               "or a lower train.lr") if self.precision == "fp16" else "lower train.lr or check the data"
+        stop_if_non_finite(self, loss, fix)
+
+
+def stop_if_non_finite(trainer: Any, loss: torch.Tensor, fix: str) -> None:
+    """Every rank stops with the same error: one rank raising alone would leave the others waiting in the
+    next all-reduce. Costs one tiny all-reduce per step, and only with more than one process."""
+    bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    processes = trainer.accelerator.num_processes
+    if processes > 1:
+        bad = trainer.accelerator.reduce(bad, reduction="sum")
+    n_bad = int(bad.item())
+    if n_bad:
+        where = f" on {n_bad} of {processes} processes" if processes > 1 else ""
+        raise VlmtaxError(f"non-finite loss at step {trainer.state.global_step}{where}", fix)
 
 
 class StartStep(TrainerCallback):
