@@ -281,15 +281,15 @@ def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_ba
 
     if share is not None:  # a launched process: its share only; process 0 writes the outputs
         return {"share": [share.index, share.count], "decoded": decode(share)[1]}
+    shares = [Share(i, num_processes) for i in range(num_processes)]
     started = time.perf_counter()
     if launched is None:
         other_partials(out, num_processes)
-        done, todo, forwards = decode(Share(0, num_processes))
+        done, todo, forwards = decode(shares[0])
     else:
-        (done, todo), forwards = decode_launched([Share(i, num_processes) for i in range(num_processes)], out,
-                                                 fingerprint, batches, launched, decode, saved), 0
+        (done, todo), forwards = decode_launched(shares, out, fingerprint, batches, launched, decode, saved), 0
     seconds = time.perf_counter() - started
-    partials = [Share(i, num_processes).partial(out, fingerprint).path for i in range(num_processes)]
+    partials = [s.partial(out, fingerprint).path for s in shares]
     report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
     for path in partials:
         path.unlink(missing_ok=True)

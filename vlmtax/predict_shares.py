@@ -28,24 +28,33 @@ class Partial:
     def __init__(self, path: Path, fingerprint: dict[str, Any]):
         self.path, self.fingerprint = path, fingerprint
 
-    def load(self) -> dict[int, dict[str, Any]]:
-        done: dict[int, dict[str, Any]] = {}
-        if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").split("\n")
+    def read(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]], bool]:
+        """The file as it is, changing nothing: its header, its rows up to a torn line (a process killed
+        mid-write: that row and any after it are decoded again), and whether any line follows the header."""
+        if not self.path.is_file():
+            return {}, {}, False
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = {}
+        rows: dict[int, dict[str, Any]] = {}
+        for line in lines[1:]:
             try:
-                header = json.loads(lines[0])
+                rec = json.loads(line)
             except json.JSONDecodeError:
-                header = {}
-            same = header.get("fingerprint") == self.fingerprint
-            if not same and any(line.strip() for line in lines[1:]):
-                raise VlmtaxError(f"{self.path} holds an interrupted prediction made with other arguments",
-                                  "rerun with the same arguments to resume it, or delete it to start over")
-            for line in lines[1:] if same else []:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # killed mid-write: this row and any after it are decoded again
-                done[rec["row"]] = rec
+                break
+            rows[rec["row"]] = rec
+        return header, rows, any(line.strip() for line in lines[1:])
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """The rows kept for a rerun with this fingerprint; the file is rewritten without a torn line."""
+        header, rows, body = self.read()
+        same = header.get("fingerprint") == self.fingerprint
+        if not same and body:
+            raise VlmtaxError(f"{self.path} holds an interrupted prediction made with other arguments",
+                              "rerun with the same arguments to resume it, or delete it to start over")
+        done = rows if same else {}
         with atomic_path(self.path) as tmp:  # rewrite clean, so appends never land on a torn line
             tmp.write_text("".join(json.dumps(x) + "\n" for x in [{"fingerprint": self.fingerprint},
                                                                    *done.values()]), encoding="utf-8")
@@ -164,16 +173,7 @@ def other_partials(out: Path, num_processes: int) -> None:
 def saved_rows(out: Path, num_processes: int) -> set[int]:
     """The rows already in the shares' partial files, read before any process is launched (the fingerprint is
     checked later, by each share's own process)."""
-    rows: set[int] = set()
-    for i in range(num_processes):
-        path = Share(i, num_processes).partial(out, {}).path
-        lines = path.read_text(encoding="utf-8").split("\n")[1:] if path.is_file() else []
-        for line in lines:
-            try:
-                rows.add(json.loads(line)["row"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break
-    return rows
+    return {row for i in range(num_processes) for row in Share(i, num_processes).partial(out, {}).read()[1]}
 
 
 def _merged(shares: list[Share], out: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]]:
