@@ -45,6 +45,27 @@ def cli_exit_code(argv: list[str]) -> int:
     return 0
 
 
+def sft_with_nan_on_rank1(recipe: Path, overrides: list[str]) -> list[str]:
+    """`vlmtax sft RECIPE OVERRIDES` on two processes under accelerate, rank 1's loss NaN (tests/nan_on_rank1.py);
+    returns the one-line errors the ranks printed, after checking that the run failed."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(root / "tests" / "nan_on_rank1.py"),
+         "sft", str(recipe), *overrides],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "VLMTAX_LAUNCHED": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    errors = re.findall(r"error: .*", proc.stderr)  # a rank's progress bar may share its line
+    assert len(errors) == 2, proc.stderr[-3000:]
+    return errors
+
+
 def tiny_overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """`key=value` overrides pointing a recipe at the tiny model, a prepared data dir and an output dir."""
     return [f"model={model}", f"data={data}", f"output_dir={out}", *extra]

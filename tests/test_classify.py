@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, sft_with_nan_on_rank1, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -195,29 +194,18 @@ def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepa
     assert again.read_text() == (out / "eval" / f"predictions-step{best['step']}.csv").read_text()
 
 
-def _launch(*args: str, script: Path | None = None) -> subprocess.CompletedProcess:
-    """`vlmtax sft` of the heads recipe as `--num-processes 2` (or `script` under accelerate, as that launches it)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    if script is None:
-        cmd = [sys.executable, "-m", "vlmtax", "sft", str(HEADS_RECIPE), "--num-processes", "2", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), "sft",
-               str(HEADS_RECIPE), *args]
-        env["VLMTAX_LAUNCHED"] = "1"
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frozen", "full"])
 def test_two_process_cpu_run(mode, tiny_clip_dir, prepared_dir, tmp_path):
     """`sft --num-processes 2` on the classify route is data-parallel: one epoch takes half the steps of one
     process (each rank a share of every batch), the run is complete, and frozen mode shares its feature cache."""
     out = tmp_path / "ddp"
-    proc = _launch(*tiny_overrides(tiny_clip_dir, prepared_dir, out, f"heads.cache_dir={tmp_path / 'cache'}",
-                                   "train.batch_size=8", "train.eval=false", "train.epochs=1",
-                                   "heads.extract_batch_size=16", f"heads.mode={mode}"))
+    overrides = tiny_overrides(tiny_clip_dir, prepared_dir, out, f"heads.cache_dir={tmp_path / 'cache'}",
+                               "train.batch_size=8", "train.eval=false", "train.epochs=1",
+                               "heads.extract_batch_size=16", f"heads.mode={mode}")
+    proc = subprocess.run([sys.executable, "-m", "vlmtax", "sft", str(HEADS_RECIPE), "--num-processes", "2",
+                           *overrides],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "vlmtax_meta.json").read_text())
     rows = len(json.loads((prepared_dir / "train.json").read_text()))
@@ -231,10 +219,8 @@ def test_two_process_cpu_run(mode, tiny_clip_dir, prepared_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_clip_dir, prepared_dir, tmp_path):
     """A NaN loss on rank 1 only: both ranks stop with the same one-line error instead of rank 0 hanging."""
-    root = Path(__file__).resolve().parents[1]
-    proc = _launch(*tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "nan", *FAST, "heads.mode=frozen",
-                                   f"heads.cache_dir={tmp_path / 'cache'}"), script=root / "tests" / "nan_on_rank1.py")
-    errors = re.findall(r"error: .*", proc.stderr)
-    assert proc.returncode != 0
-    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    errors = sft_with_nan_on_rank1(HEADS_RECIPE, tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "nan", *FAST,
+                                                                "heads.mode=frozen",
+                                                                f"heads.cache_dir={tmp_path / 'cache'}"))
+    assert len(set(errors)) == 1, errors
     assert "non-finite loss at step 0 on 1 of 2 processes" in errors[0]

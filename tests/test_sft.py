@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, tiny_overrides
+from conftest import TINY_RECIPE, sft_with_nan_on_rank1, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
@@ -134,18 +133,10 @@ def test_two_process_cpu_run(tiny_model_dir, prepared_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_model_dir, prepared_dir, tmp_path):
     """Rank 1 alone sees a NaN loss; both ranks must stop with one same error instead of rank 0 hanging."""
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(root / "tests" / "nan_on_rank1.py"),
-         "sft", str(TINY_RECIPE), *tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "nan", "finetuning=lora",
-                                                  "train.max_steps=2", "train.eval=false")],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "VLMTAX_LAUNCHED": "1", "PYTHONPATH": str(root)},
-    )
-    errors = re.findall(r"error: .*", proc.stderr)  # a rank's progress bar may share its line
-    assert proc.returncode != 0
-    assert len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    errors = sft_with_nan_on_rank1(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "nan",
+                                                               "finetuning=lora", "train.max_steps=2",
+                                                               "train.eval=false"))
+    assert len(set(errors)) == 1, errors
     assert "non-finite loss at step 0 on 1 of 2 processes" in errors[0]
 
 
