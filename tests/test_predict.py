@@ -182,6 +182,12 @@ def test_several_processes_stop_together_on_bad_input(trained_run_dir, case, tmp
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Category" in errors[0], proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+    # However fast process 1 gets there, it leaves the error to process 0 (which checks the same inputs).
+    alone = subprocess.run([sys.executable, "-m", "vlmtax", "predict", "--model", str(trained_run_dir), "--csv",
+                            str(bad), "--images", str(images), "--out", str(out)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "VLMTAX_LAUNCHED": "1",
+                                             "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert alone.returncode == 2 and "error:" not in alone.stderr, alone.stderr[-2000:]
 
 
 def _processes_writing(out: Path) -> list[int]:

@@ -251,13 +251,13 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise
 
 
-def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_batch: Callable[[int], None] | None,
-             launched: Launched | None, saved: set[int]) -> dict[str, Any]:
-    """predict() past its argument checks (and, with several processes, past the launch)."""
+def _plan(args: dict[str, Any]) -> tuple[Path | None, Taxonomy, list[Row], list[list[Row]], dict[str, Any]]:
+    """The checked inputs: the VLM's folder (None for a classify run), the taxonomy, the rows, their batches
+    and the fingerprint that partial files are resumed under."""
     from vlmtax.heads_predict import heads_run_root
     from vlmtax.loading import default_device, inspect_model_dir, load_taxonomy
 
-    model, csv, images, out, probs, mode = (args[k] for k in ("model", "csv", "images", "out", "probs", "mode"))
+    model, csv, images, mode = (args[k] for k in ("model", "csv", "images", "mode"))
     default_device(args["device"])
     heads_root = heads_run_root(model)
     if heads_root is not None and mode != "constrained":
@@ -267,11 +267,26 @@ def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_ba
     tax = load_taxonomy(model, args["taxonomy"], args["template"])
     frame = read_csv(csv, "test CSV", ["id", "Category"])
     rows = plan_rows(frame, tax, images, args["image_pattern"])
-    batches = make_batches(rows, args["batch_size"])
     fingerprint = {"csv_sha256": file_sha256(csv), "model": str(Path(model).resolve()), "images": str(images.resolve()),
                    "taxonomy_sha256": hashlib.sha256(tax.model_dump_json().encode()).hexdigest(), "mode": mode,
-                   **{k: args[k] for k in ("batch_size", "image_pattern", "dtype")}, "probs": probs is not None}
+                   **{k: args[k] for k in ("batch_size", "image_pattern", "dtype")},
+                   "probs": args["probs"] is not None}
+    return vlm_path, tax, rows, make_batches(rows, args["batch_size"]), fingerprint
+
+
+def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_batch: Callable[[int], None] | None,
+             launched: Launched | None, saved: set[int]) -> dict[str, Any]:
+    """predict() past its argument checks (and, with several processes, past the launch)."""
+    model, out, probs, mode = (args[k] for k in ("model", "out", "probs", "mode"))
     share = launched_share()
+    try:
+        vlm_path, tax, rows, batches, fingerprint = _plan(args)
+    except (VlmtaxError, OSError):
+        if share is None:
+            raise
+        # A launched process: process 0 runs the same checks on the same inputs and reports the error once
+        # (it stops this process when it does; printing it here too would race it to a second error line).
+        raise SystemExit(2) from None
     several = share is not None or launched is not None
     make_decoder = _decoder_factory(model, vlm_path, tax, args["dtype"],
                                     rank_device(args["device"]) if several else args["device"], mode)
