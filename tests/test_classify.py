@@ -144,6 +144,8 @@ def test_one_line_errors(tiny_clip_dir, tiny_model_dir, prepared_dir, frozen_run
         _sft(tiny_clip_dir, no_tax, tmp_path / "o2", tmp_path)
     with pytest.raises(VlmtaxError, match="knn votes over frozen features"):
         _sft(tiny_clip_dir, prepared_dir, tmp_path / "o3", tmp_path, "heads.kind=knn", "heads.mode=full")
+    with pytest.raises(VlmtaxError, match="attn_implementation=eager is for the generate route"):
+        _sft(tiny_clip_dir, prepared_dir, tmp_path / "o5", tmp_path, "attn_implementation=eager")
     tax = json.loads((frozen_run / "taxonomy.json").read_text())
     cat = next(iter(tax["categories"].values()))
     cat["attributes"][0]["values"].append("chartreuse")

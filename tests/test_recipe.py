@@ -79,6 +79,31 @@ def test_gpu_features_are_refused_on_cpu_with_a_fix():
         check_gpu_features(_recipe(train={"liger": True}), CPU)
     with pytest.raises(VlmtaxError, match="full"):
         check_gpu_features(_recipe(quantization="4bit", finetuning="full"), A100)
+    with pytest.raises(VlmtaxError, match="flash_attention_2 needs a CUDA GPU.*attn_implementation=sdpa"):
+        check_gpu_features(_recipe(attn_implementation="flash_attention_2"), CPU)
+    with pytest.raises(VlmtaxError, match="fp16 or bf16 only"):
+        check_gpu_features(_recipe(attn_implementation="flash_attention_2", precision="fp32"), A100)
+
+
+def test_flash_attention_without_the_package_names_the_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_flash(name, *args, **kwargs):
+        if name == "flash_attn":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flash)
+    with pytest.raises(VlmtaxError, match="flash_attn is not installed.*pip install flash-attn"):
+        check_gpu_features(_recipe(attn_implementation="flash_attention_2"), A100)
+
+
+def test_attn_implementation_is_checked():
+    assert _recipe().attn_implementation == "sdpa"
+    with pytest.raises(VlmtaxError, match="attn_implementation"):
+        load_recipe(RECIPES[0], ["attn_implementation=flash"])
 
 
 def test_qlora_config_that_would_be_passed_to_bitsandbytes():

@@ -43,6 +43,17 @@ def test_trainable_parameters_change_and_frozen_ones_do_not(tiny_model_dir, prep
     assert not any(".visual." in n for n in changed)
 
 
+def test_attn_implementation_reaches_the_model_and_trains(tiny_model_dir, prepared_dir, tmp_path):
+    """The recipe's kernel is the one the language model and the vision tower run with; sdpa by default."""
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "attn_implementation=eager",
+                     "train.max_steps=1", "train.eval=false")
+    model, processor = load_model(recipe, "fp32")
+    assert model.config._attn_implementation == "eager" and model.model.visual.config._attn_implementation == "eager"
+    assert build_trainer(recipe, prepare_model(model, recipe, "fp32"), processor, "fp32").train().training_loss > 0
+    default, _ = load_model(_recipe(tiny_model_dir, prepared_dir, tmp_path / "run2"), "fp32")
+    assert default.config._attn_implementation == "sdpa"
+
+
 def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_path):
     recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "lora.plus_ratio=16",
                      "train.lr=0.001")

@@ -37,6 +37,9 @@ def check_classify_recipe(recipe: Recipe) -> None:
                           "set heads.mode=frozen for knn, or heads.kind=mlp|linear to fine-tune")
     if recipe.quantization:
         raise VlmtaxError("quantization is for the generate route's language model", "set quantization=null")
+    if recipe.attn_implementation != "sdpa":
+        raise VlmtaxError(f"attn_implementation={recipe.attn_implementation} is for the generate route's model",
+                          "leave it out with task: classify (the backbone loads with transformers' own attention)")
 
 
 def encoder_dtype(recipe: Recipe, precision: str) -> torch.dtype:

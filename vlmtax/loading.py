@@ -170,7 +170,7 @@ def default_device(device: str | None = None) -> torch.device:
 
 
 def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False,
-                 **extra: Any) -> Any:
+                 attn_implementation: str = "sdpa", **extra: Any) -> Any:
     """`from_pretrained` in one dtype. Merges and predictions run on plain 16/32-bit weights; only sft passes
     `extra` (a quantization_config with its per-rank device_map)."""
     from safetensors import SafetensorError
@@ -179,8 +179,10 @@ def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", tr
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         family_of(config, f"{what} {source}")
-        # sdpa takes the custom 4D masks that constrained decoding builds (flash attention cannot).
-        return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa",
+        # sdpa, the default, takes the custom 4D masks that constrained decoding builds (flash attention cannot);
+        # only training may ask for another kernel (the recipe's attn_implementation).
+        return AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype,
+                                                           attn_implementation=attn_implementation,
                                                            trust_remote_code=trust_remote_code, **extra)
     except SafetensorError as exc:
         raise VlmtaxError(f"the weights of {what} {source} are damaged ({exc})",

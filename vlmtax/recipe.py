@@ -125,6 +125,9 @@ class Recipe(_Strict):
     quantization: Literal["4bit", "8bit"] | None = None
     freeze: Freeze = Field(default_factory=Freeze)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # The attention kernel training loads the model with. flash_attention_2 needs a CUDA GPU, the flash-attn
+    # package and fp16/bf16; merge and predict always load sdpa (constrained decoding's 4D masks need it).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     image: ImageCfg = Field(default_factory=ImageCfg)
     train: Train = Field(default_factory=Train)
     log: Log = Field(default_factory=Log)

@@ -44,16 +44,23 @@ def check_gpu_features(recipe: Recipe, hw: Hardware) -> None:
                           "set quantization=null on the CPU, or train on a GPU")
     if recipe.quantization and recipe.finetuning == "full":
         raise VlmtaxError("quantised weights cannot be fully fine-tuned", "use finetuning=lora with quantization")
+    if recipe.attn_implementation == "flash_attention_2" and not hw.cuda:
+        raise VlmtaxError("attn_implementation=flash_attention_2 needs a CUDA GPU",
+                          "use attn_implementation=sdpa (the default) on the CPU")
+    if recipe.attn_implementation == "flash_attention_2" and recipe.precision == "fp32":
+        raise VlmtaxError("flash_attention_2 runs in fp16 or bf16 only, not precision=fp32",
+                          "use precision=auto (bf16 or fp16 on a GPU) or attn_implementation=sdpa")
     if recipe.train.liger and not hw.cuda:
         raise VlmtaxError("train.liger needs a CUDA GPU (Triton kernels)", "set train.liger=false on the CPU")
-    for flag, module, extra in ((recipe.quantization, "bitsandbytes", "gpu"), (recipe.train.liger, "liger_kernel",
-                                                                              "gpu")):
+    gpu = "pip install 'vlmtax[gpu]'"
+    for flag, module, fix in ((recipe.quantization, "bitsandbytes", gpu), (recipe.train.liger, "liger_kernel", gpu),
+                              (recipe.attn_implementation == "flash_attention_2", "flash_attn",
+                               "pip install flash-attn --no-build-isolation (it builds against your torch and CUDA)")):
         if flag:
             try:
                 __import__(module)
             except ImportError:
-                raise VlmtaxError(f"{module} is not installed", f"pip install 'vlmtax[{extra}]'") from None
-
+                raise VlmtaxError(f"{module} is not installed", fix) from None
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
@@ -152,7 +159,7 @@ def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
         kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
     processor = load_processor(source, padding_side=None, trust_remote_code=recipe.trust_remote_code)
     model = load_weights(source, model_dtype(recipe, precision), trust_remote_code=recipe.trust_remote_code,
-                         **kwargs)
+                         attn_implementation=recipe.attn_implementation, **kwargs)
     if recipe.train.liger:
         apply_liger(model)
     # The pixel budget is saved with the run's processor, so predict sees images exactly as training did.
