@@ -11,7 +11,6 @@ taxonomy.json, recipe.yaml, vlmtax_meta.json (written last) and Trainer checkpoi
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,8 +159,7 @@ def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, 
             encoder.model = encoder.model.merge_and_unload()  # a plain backbone: predict needs no PEFT
         save(BACKBONE_WEIGHTS, encoder.state_dict())
     processor.save_pretrained(str(out))
-    with atomic_path(out / CLASSIFIER_FILE) as tmp:
-        tmp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    write_json(out / CLASSIFIER_FILE, spec, indent=1)
     shutil.copyfile(recipe.data / "taxonomy.json", out / "taxonomy.json")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     data_files = [recipe.data / n for n in ("train.json", "val.json", "taxonomy.json") if (recipe.data / n).exists()]

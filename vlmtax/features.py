@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vlmtax.backbone import Encoder, process_images
-from vlmtax.fileio import atomic_path, file_sha256
+from vlmtax.fileio import atomic_path, file_sha256, write_json
 from vlmtax.progress import progress_iter
 
 
@@ -66,8 +66,7 @@ class FeatureCache:
         name = f"shard-{hashlib.sha256(''.join(keys).encode()).hexdigest()[:16]}"
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
             save_file({"features": feats.contiguous()}, str(tmp))
-        with atomic_path(self.dir / f"{name}.json") as tmp:  # written last: its presence marks a whole shard
-            tmp.write_text(json.dumps(keys), encoding="utf-8")
+        write_json(self.dir / f"{name}.json", keys, indent=None)  # written last: its presence marks a whole shard
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_dir
+from vlmtax.fileio import atomic_dir, write_json
 from vlmtax.tiny_families import TINY_FAMILIES, TinyFamily
 
 MARKER = "vlmtax_tiny.json"
@@ -230,5 +230,5 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int | None 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / MARKER, meta)
     return out
