@@ -38,6 +38,8 @@ def setup(args) -> tuple[Path, Path]:
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else build_tiny_model(WORK / "tiny-model")
+    if args.vision_depth:
+        model = deeper_tower(model, args.vision_depth)
     cat = WORK / f"synth-{args.rows}-{args.image_size}"
     if not cat.exists():
         synth(cat, rows=args.rows, test_rows=1, image_size=args.image_size)
@@ -46,6 +48,23 @@ def setup(args) -> tuple[Path, Path]:
         prepare(csv=cat / "train.csv", images=cat / "train_images", attributes=cat / "category_attributes.parquet",
                 out=data, val_fraction=0.0)
     return model, data
+
+
+def deeper_tower(model: Path, depth: int) -> Path:
+    """The tiny model with a `depth`-block vision tower (same seed, same everything else): a model whose frozen
+    tower costs the share of a training step that a real checkpoint's does (see --vision-depth)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    out = WORK / f"tiny-model-vision{depth}"
+    if (out / "config.json").exists():
+        return out
+    config = AutoConfig.from_pretrained(model)
+    config.vision_config.depth = depth
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).to(torch.float32).save_pretrained(out)
+    AutoProcessor.from_pretrained(model).save_pretrained(out)
+    return out
 
 
 def overrides(args, model: Path, data: Path, gc: bool) -> list[str]:
@@ -122,6 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--epochs", type=float, help="train this many epochs instead of --steps")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--vision-depth", type=int,
+                        help="give the tiny model's vision tower this many blocks (default: its own 2); 8 makes the "
+                             "frozen tower about a third of a LoRA step, Qwen2-VL-2B's share by bench/sft_cost.py")
     parser.add_argument("--levers", action="store_true",
                         help="only vlmtax with LLaMA-Factory's settings, the vision cache and packing off and on")
     parser.add_argument("--repeat", type=int, default=1, help="--levers: alternate the runs this many times")
@@ -169,14 +191,18 @@ def levers(args, model: Path, data: Path) -> None:
     for name, r in results.items():
         print(f"  vlmtax, {name}: {r['samples_per_s']:7.1f} samples/s ({r['samples_per_s'] / base:.2f}x)  "
               f"padding {r['padding']:.1%}")
-    off, on = step_times(args, model, data)
+    off, on, tower = step_times(args, model, data)
     print(f"  one trainer, blocks of 10 steps (collate + forward + backward) alternating cache off/on, fastest of "
-          f"{args.repeat * 5} each: {off * 1000:.1f} / {on * 1000:.1f} ms a step, cache on {off / on:.2f}x")
+          f"{args.repeat * 5} each: {off * 1000:.1f} / {on * 1000:.1f} ms a step, cache on {off / on:.2f}x; the frozen "
+          f"tower's forward alone {tower * 1000:.1f} ms, {tower / off:.0%} of an uncached step")
 
 
-def step_times(args, model: Path, data: Path) -> tuple[float, float]:
+def step_times(args, model: Path, data: Path) -> tuple[float, float, float]:
     """Seconds a step without and with the cache, from one trainer switching its collator between the two in
-    alternating blocks: a loaded machine slows both alike, and the fastest block of each is kept."""
+    alternating blocks (a loaded machine slows both alike, and the fastest block of each is kept); and the
+    fastest of ten forwards of the frozen tower alone on one batch's images."""
+    import torch
+
     from vlmtax.recipe import load_recipe
     from vlmtax.sft import load_model, prepare_model
     from vlmtax.train_loop import build_trainer
@@ -196,7 +222,15 @@ def step_times(args, model: Path, data: Path) -> tuple[float, float]:
             rows = [{"index": (block * 80 + step * args.batch_size + i) % n} for i in range(args.batch_size)]
             trainer.compute_loss(trainer.model, collator(rows)).backward()
         best[use] = min(best[use], (time.perf_counter() - t0) / 10)
-    return best[False], best[True]
+    collator.vision_cache = None
+    batch = collator([{"index": i % n} for i in range(args.batch_size)])
+    tower = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            trainer.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        tower = min(tower, time.perf_counter() - t0)
+    return best[False], best[True], tower
 
 
 if __name__ == "__main__":
