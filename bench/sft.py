@@ -179,6 +179,9 @@ def levers(args, model: Path, data: Path) -> None:
             "cache on,  packing on": ("train.cache_vision=true", "train.packing=true"),
             "cache on,  packing on, rows up to max_length": ("train.cache_vision=true", "train.packing=true")}
     results: dict[str, dict] = {}
+    # An untimed first run: the first trainer in a process pays one-time costs (lazy imports, allocator
+    # growth) that would otherwise all fall on whichever setting runs first.
+    run_vlmtax(argparse.Namespace(**{**vars(args), "epochs": None, "steps": 5}), model, data, True)
     for _ in range(args.repeat):
         for name, extra in runs.items():
             r = run_vlmtax(args, model, data, True, *extra, rows_to_max_length="max_length" in name)

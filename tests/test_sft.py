@@ -54,6 +54,51 @@ def test_attn_implementation_reaches_the_model_and_trains(tiny_model_dir, prepar
     assert default.config._attn_implementation == "sdpa"
 
 
+def _require_grad_hooks(module: torch.nn.Module) -> int:
+    return sum(getattr(h, "__name__", "").startswith("make_inputs_require_grad")
+               for m in module.modules() for h in m._forward_hooks.values())
+
+
+def test_a_frozen_tower_stays_out_of_the_backward_pass(tiny_model_dir, prepared_dir, tmp_path):
+    """Gradient checkpointing hooks the tower's patch embedding so that its output requires grad, and the
+    backward pass then ran through the frozen tower for nothing. Training takes the hook off (the language
+    model's stays); the trained weights' gradients, the projector's included, are the same without it."""
+    from vlmtax.train_loop import drop_frozen_tower_input_grads
+    from vlmtax.vision_cache import vision_tower
+
+    recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "freeze.vision=true",
+                     "freeze.projector=false", "train.cache_vision=false", "train.gradient_checkpointing=true",
+                     "train.max_steps=1", "train.eval=false", "lora.dropout=0.0")
+    model, processor = load_model(recipe, "fp32")
+    trainer = build_trainer(recipe, prepare_model(model, recipe, "fp32"), processor, "fp32")
+    trainer.train()
+    net, tower = trainer.model, vision_tower(trainer.model)
+    assert _require_grad_hooks(tower) == 0 and _require_grad_hooks(net) >= 1
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    seen = {}
+
+    def grads() -> dict[str, torch.Tensor]:
+        net.zero_grad()
+        handle = tower.patch_embed.register_forward_hook(lambda m, i, o: seen.update(grad=o.requires_grad))
+        trainer.compute_loss(net, dict(batch)).backward()
+        handle.remove()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+    without = grads()
+    assert seen["grad"] is False
+    net.enable_input_require_grads()  # what gradient checkpointing does: the tower hooked again
+    hooked = grads()
+    assert seen["grad"] is True
+    assert without.keys() == hooked.keys() and any(".merger." in n for n in without)
+    for name, grad in without.items():
+        torch.testing.assert_close(grad, hooked[name], rtol=0, atol=1e-6, msg=name)
+    assert drop_frozen_tower_input_grads(net) == 1
+    trained_tower = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run2", "finetuning=lora", "freeze.vision=false")
+    lora_tower = prepare_model(load_model(trained_tower, "fp32")[0], trained_tower, "fp32")
+    lora_tower.enable_input_require_grads()
+    assert drop_frozen_tower_input_grads(lora_tower) == 0  # LoRA in the tower needs the gradient to flow
+
+
 def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_path):
     recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "lora.plus_ratio=16",
                      "train.lr=0.001")

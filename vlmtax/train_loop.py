@@ -14,6 +14,7 @@ from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
 from vlmtax.evaluation import eval_args
+from vlmtax.families import family_of
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_records
 from vlmtax.taxonomy import Taxonomy
@@ -66,6 +67,34 @@ def stop_if_non_finite(trainer: Any, loss: torch.Tensor, fix: str) -> None:
     if n_bad:
         where = f" on {n_bad} of {processes} processes" if processes > 1 else ""
         raise VlmtaxError(f"non-finite loss at step {trainer.state.global_step}{where}", fix)
+
+
+def drop_frozen_tower_input_grads(model: Any) -> int:
+    """Take transformers' and PEFT's input-gradient hooks off a vision tower that trains nothing before its
+    projector; returns how many came off.
+
+    With gradient checkpointing (or PEFT) they hook every sub-model's input embeddings so that the output
+    requires grad, the tower's patch embedding included: the backward pass then runs through the frozen
+    tower for nothing, its gradients reaching no weight. A trainable projector's weights get theirs
+    without it; the language model's hook stays."""
+    towers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual"]
+    family = family_of(model)
+    if not towers or any(p.requires_grad and family.part(n) == "vision" for n, p in model.named_parameters()):
+        return 0
+    removed = 0
+    for module in towers[0].modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                del module._forward_hooks[key]
+                removed += 1
+    return removed
+
+
+class FrozenTower(TrainerCallback):
+    """Runs drop_frozen_tower_input_grads once the Trainer has turned gradient checkpointing on."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        drop_frozen_tower_input_grads(model)
 
 
 class StartStep(TrainerCallback):
@@ -168,5 +197,6 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
         trainer.data_collator.pack_capacity = recipe.train.max_length  # varlen attention: long rows cost nothing
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
+    trainer.add_callback(FrozenTower())
     trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
     return trainer
