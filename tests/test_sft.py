@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, sft_with_nan_on_rank1, tiny_overrides
+from conftest import TINY_RECIPE, cli_exit_code, sft_with_nan_on_rank1, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
@@ -201,17 +201,25 @@ def _cli_sft(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_one_line_errors(tiny_model_dir, prepared_dir, tmp_path):
+def test_one_line_errors(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    """One case through `python -m vlmtax` (the real entry point, a fresh interpreter), the others through the
+    console script's own function in this process (the same code, without a torch import per case)."""
+    def one_error_line(stderr: str, needle: str) -> None:
+        lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in stderr, stderr
+
+    proc = _cli_sft(*tiny_overrides(tiny_model_dir, tmp_path / "nodata", tmp_path / "o1"))
+    assert proc.returncode == 2, proc.stderr
+    one_error_line(proc.stderr, "data dir")
     cases = {
-        "data dir": tiny_overrides(tiny_model_dir, tmp_path / "nodata", tmp_path / "o1"),
         "does not exist": tiny_overrides(tmp_path / "nomodel", prepared_dir, tmp_path / "o2"),
         "unknown recipe key": tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "o3", "train.lrate=1"),
     }
     for needle, args in cases.items():
-        proc = _cli_sft(*args)
-        assert proc.returncode == 2, proc.stderr
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+        capsys.readouterr()
+        assert cli_exit_code(["sft", str(TINY_RECIPE), *args]) == 2
+        one_error_line(capsys.readouterr().err, needle)
+        assert not (tmp_path / f"o{2 + list(cases).index(needle)}").exists()
 
 
 def test_cpu_hardware_detected():

@@ -313,8 +313,6 @@ def close_process_group() -> None:
 
 
 def _train(recipe: Recipe, hw: Hardware) -> Path:
-    from vlmtax.train_loop import build_trainer
-
     if recipe.task == "classify":
         from vlmtax.classify import train_classify
 
@@ -329,6 +327,8 @@ def _train(recipe: Recipe, hw: Hardware) -> Path:
     resume_from = _output_dir_state(recipe)
     check_lora_targets(recipe)
     from transformers import set_seed
+
+    from vlmtax.train_loop import build_trainer  # TRL's import: after the input checks, so that they fail fast
 
     set_seed(recipe.train.seed)  # LoRA initialisation draws from the global RNG: same seed, same run
     model, processor = load_model(recipe, precision)
