@@ -77,12 +77,12 @@ def drop_frozen_tower_input_grads(model: Any) -> int:
     requires grad, the tower's patch embedding included: the backward pass then runs through the frozen
     tower for nothing, its gradients reaching no weight. A trainable projector's weights get theirs
     without it; the language model's hook stays."""
-    towers = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "visual"]
+    tower = vision_cache.find_vision_tower(model)
     family = family_of(model)
-    if not towers or any(p.requires_grad and family.part(n) == "vision" for n, p in model.named_parameters()):
+    if tower is None or any(p.requires_grad and family.part(n) == "vision" for n, p in model.named_parameters()):
         return 0
     removed = 0
-    for module in towers[0].modules():
+    for module in tower.modules():
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
                 del module._forward_hooks[key]

@@ -52,11 +52,16 @@ def wanted(recipe: Recipe, model_type: str) -> bool:
     return bool(frozen and able) if setting is None else setting
 
 
+def find_vision_tower(model: Any) -> torch.nn.Module | None:
+    """The model's vision tower (the first module named `visual`, PEFT-wrapped or not), or None."""
+    return next((module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "visual"), None)
+
+
 def vision_tower(model: Any) -> torch.nn.Module:
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "visual":
-            return module
-    raise VlmtaxError("the model has no vision tower named 'visual'", "set train.cache_vision=false")
+    tower = find_vision_tower(model)
+    if tower is None:
+        raise VlmtaxError("the model has no vision tower named 'visual'", "set train.cache_vision=false")
+    return tower
 
 
 def weights_key(tower: torch.nn.Module, processor: Any, dtype: str) -> str:
