@@ -117,7 +117,8 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
             features, extracted = cached_features(encoder, processor, data.train.images + data.val.images, cache,
                                                   recipe.heads.extract_batch_size)
     augment = augmenter(recipe.heads.augment) if recipe.heads.augment.enabled else None
-    collate = Collate(data, processor, features, augment)
+    pixel_cache = recipe.heads.pixel_cache_mb * 2**20 if recipe.train.num_workers == 0 else 0
+    collate = Collate(data, processor, features, augment, pixel_cache)
     n_train, n_val = len(data.train.images), len(data.val.images)
     trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0), data_collator=collate,
                            train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,

@@ -112,6 +112,9 @@ class Heads(_Strict):
     k: int = Field(10, ge=1)  # knn: neighbours per vote
     cache_dir: Path | None = None  # frozen features; null = $VLMTAX_CACHE or ~/.cache/vlmtax/features
     extract_batch_size: int = Field(64, ge=1)
+    # lora/full: processed images kept in memory between epochs (per process; not with augmentation or
+    # train.num_workers > 0, whose worker copies would not outlive an epoch); 0 = off
+    pixel_cache_mb: int = Field(1024, ge=0)
     cpu_threads: int | None = Field(None, ge=1)  # torch CPU threads while training; null = torch's (frozen: 1)
 
 
