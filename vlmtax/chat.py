@@ -122,8 +122,11 @@ class SequenceBuilder:
         if not images:
             return {}, []
         vision = self.processor.image_processor(images=images, return_tensors="pt")
-        per_image = (vision["image_grid_thw"].prod(-1) // self.merge).tolist()
-        return {k: vision[k] for k in ("pixel_values", "image_grid_thw")}, per_image
+        return {k: vision[k] for k in ("pixel_values", "image_grid_thw")}, self.image_tokens(vision["image_grid_thw"])
+
+    def image_tokens(self, grids: torch.Tensor) -> list[int]:
+        """Each image's token count from its patch grid."""
+        return (grids.prod(-1) // self.merge).tolist()
 
     def prompt_ids(self, prompt: str, image_tokens: list[int]) -> list[int]:
         if prompt not in self._prompts:

@@ -18,6 +18,7 @@ from vlmtax.backbone import process_images
 from vlmtax.errors import VlmtaxError
 from vlmtax.heads import HeadSpec, head_layout
 from vlmtax.losses import IGNORE
+from vlmtax.pixel_cache import PixelCache
 from vlmtax.taxonomy import Taxonomy
 
 
@@ -113,66 +114,39 @@ def augmenter(cfg: Any):
     return apply
 
 
-def per_image(inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """One processor call's output split into single-image inputs (joined again by `torch.cat` per key).
-
-    Clones, so a kept image does not hold its whole batch's storage.
-    """
-    if "image_grid_thw" in inputs:  # Qwen towers: a variable number of patch rows per image
-        grids = inputs["image_grid_thw"]
-        blocks = inputs["pixel_values"].split(grids.prod(-1).tolist())
-        return [{"pixel_values": b.clone(), "image_grid_thw": g[None].clone()} for b, g in zip(blocks, grids)]
-    return [{"pixel_values": p[None].clone()} for p in inputs["pixel_values"]]
-
-
 class Collate:
     """Batches of rows over train + val (val rows are offset by the train size).
 
-    With `pixel_cache_bytes`, processed images that are not augmented stay in memory (up to that many
-    bytes, first come first kept), so later epochs and evaluations skip decoding and preprocessing.
-    The processor is deterministic, so a cached batch equals a fresh one.
+    With a `pixel_cache` (pixel_cache.py), processed images that are not augmented stay in memory, so
+    later epochs and evaluations skip decoding and preprocessing.
     """
 
     def __init__(self, data: ClassifyData, processor: Any = None, features: torch.Tensor | None = None,
-                 augment: Any = None, pixel_cache_bytes: int = 0):
+                 augment: Any = None, pixel_cache: PixelCache | None = None):
         self.images = data.train.images + data.val.images
         self.categories = torch.tensor(data.train.categories + data.val.categories, dtype=torch.long)
         self.labels = torch.cat([data.train.labels, data.val.labels])
         self.processor, self.features, self.augment = processor, features, augment
         self.n_train = len(data.train.images)
-        self.pixel_budget, self.pixel_bytes = pixel_cache_bytes, 0
-        self.pixels: dict[int, dict[str, torch.Tensor]] = {}
+        self.pixel_cache = pixel_cache
 
     def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        from vlmtax.records import load_image
-
         idx = torch.tensor(rows)
         batch = {"category": self.categories[idx], "targets": self.labels[idx]}
         if self.features is not None:
             batch["features"] = self.features[idx]
             return batch
         augmented = self.augment is not None and all(r < self.n_train for r in rows)  # never on validation rows
-        if augmented or not self.pixel_budget:
-            images = [load_image(self.images[r]) for r in rows]
-            if augmented:
-                images = [self.augment(img) for img in images]
-            batch.update(process_images(self.processor, images))
-            return batch
-        missing = [r for r in dict.fromkeys(rows) if r not in self.pixels]
-        fresh = dict(zip(missing, self._process(missing))) if missing else {}
-        items = [self.pixels.get(r) or fresh[r] for r in rows]
-        batch.update({k: torch.cat([it[k] for it in items]) for k in items[0]})
+        if augmented or self.pixel_cache is None:
+            batch.update(self._process(rows, augmented))
+        else:
+            batch.update(self.pixel_cache.batch(rows, self._process))
         return batch
 
-    def _process(self, rows: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Load and process `rows` in one processor call; keep what fits the budget."""
+    def _process(self, rows: list[int], augmented: bool = False) -> dict[str, torch.Tensor]:
         from vlmtax.records import load_image
 
-        inputs = process_images(self.processor, [load_image(self.images[r]) for r in rows])
-        singles = per_image(inputs)
-        for r, single in zip(rows, singles):
-            size = sum(t.numel() * t.element_size() for t in single.values())
-            if self.pixel_bytes + size <= self.pixel_budget:
-                self.pixels[r] = single
-                self.pixel_bytes += size
-        return singles
+        images = [load_image(self.images[r]) for r in rows]
+        if augmented:
+            images = [self.augment(img) for img in images]
+        return process_images(self.processor, images)

@@ -17,6 +17,7 @@ from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
 from vlmtax.evaluation import eval_args
 from vlmtax.heads import Classifier, category_groups, values_mask
 from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_table
+from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
 from vlmtax.train_loop import StartStep, stop_if_non_finite
@@ -117,8 +118,7 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
             features, extracted = cached_features(encoder, processor, data.train.images + data.val.images, cache,
                                                   recipe.heads.extract_batch_size)
     augment = augmenter(recipe.heads.augment) if recipe.heads.augment.enabled else None
-    pixel_cache = recipe.heads.pixel_cache_mb * 2**20 if recipe.train.num_workers == 0 else 0
-    collate = Collate(data, processor, features, augment, pixel_cache)
+    collate = Collate(data, processor, features, augment, pixel_cache(recipe) if features is None else None)
     n_train, n_val = len(data.train.images), len(data.val.images)
     trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0), data_collator=collate,
                            train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,

@@ -17,6 +17,7 @@ from vlmtax.answer import answer_segments
 from vlmtax.chat import SequenceBuilder, TokenCounter
 from vlmtax.errors import VlmtaxError
 from vlmtax.packing import packed_batch
+from vlmtax.pixel_cache import PixelCache
 from vlmtax.records import load_image, record_prompt_answer, record_values
 from vlmtax.taxonomy import Taxonomy
 
@@ -31,13 +32,14 @@ class Collator:
     """
 
     def __init__(self, processor: Any, taxonomy: Taxonomy, records: list[dict[str, Any]], max_length: int,
-                 vision_cache: Any = None, packing: bool = False):
+                 vision_cache: Any = None, packing: bool = False, pixel_cache: PixelCache | None = None):
         self.processor = processor
         self.packing = packing  # several records per row (packing.py)
         # Row capacity when packing: None = the batch's longest record, so no row is wider than unpacked
         # (sdpa and eager attend over the whole masked row); train.max_length with flash-attention's varlen.
         self.pack_capacity: int | None = None
         self.vision_cache = vision_cache  # a vision_cache.VisionCache: features instead of pixels
+        self.pixel_cache = pixel_cache  # processed images kept in memory between epochs
         self.taxonomy = taxonomy
         self.records = records
         self.max_length = max_length
@@ -68,6 +70,10 @@ class Collator:
         paths = [p for rec in recs for p in rec["images"]]
         if self.vision_cache is not None:
             vision, per_image = self.vision_cache.batch(paths)
+        elif self.pixel_cache is not None and paths:
+            vision = self.pixel_cache.batch(paths, lambda todo: self.sequences.image_inputs(
+                [load_image(p) for p in todo])[0])
+            per_image = self.sequences.image_tokens(vision["image_grid_thw"])
         else:
             vision, per_image = self.sequences.image_inputs([load_image(p) for p in paths])
         items, start = [], 0

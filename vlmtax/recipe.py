@@ -66,6 +66,9 @@ class Train(_Strict):
     save_steps: int | None = Field(None, ge=1)  # null = a checkpoint per epoch
     save_total_limit: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
+    # Processed images kept in memory between epochs, per process (pixel_cache.py); 0 = off. Not used with
+    # num_workers > 0, with cached vision features, or for augmented rows.
+    pixel_cache_mb: int = Field(1024, ge=0)
     # Frozen vision features computed once before training and read from disk every epoch (vision_cache.py);
     # null = on when freeze.vision and freeze.projector are both on.
     cache_vision: bool | None = None
@@ -112,9 +115,6 @@ class Heads(_Strict):
     k: int = Field(10, ge=1)  # knn: neighbours per vote
     cache_dir: Path | None = None  # frozen features; null = $VLMTAX_CACHE or ~/.cache/vlmtax/features
     extract_batch_size: int = Field(64, ge=1)
-    # lora/full: processed images kept in memory between epochs (per process; not with augmentation or
-    # train.num_workers > 0, whose worker copies would not outlive an epoch); 0 = off
-    pixel_cache_mb: int = Field(1024, ge=0)
     cpu_threads: int | None = Field(None, ge=1)  # torch CPU threads while training; null = torch's (frozen: 1)
 
 

@@ -15,6 +15,7 @@ from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
 from vlmtax.evaluation import eval_args
 from vlmtax.families import family_of
+from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_records
 from vlmtax.taxonomy import Taxonomy
@@ -187,7 +188,7 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
         model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length,
-                                                      packing=recipe.train.packing),
+                                                      packing=recipe.train.packing, pixel_cache=pixel_cache(recipe)),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
         optimizers=(optimizer, None),
     )
