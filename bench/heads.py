@@ -12,12 +12,16 @@ heads) against the same heads on features read from the cache, plus `vlmtax sft`
 a warm cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 50x uncached.
 
     python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16] [--threads 1]
+    python bench/heads.py --backbone-widths-of clip-vit-large-patch14 [--depth-divisor 24] [--only-real-widths]
 
 Why the cached ratio stays far below 50x on the tiny models: the tiny CLIP (64 px, 8 px patches, 2
 layers of width 64) costs about 5M multiply-adds per image, so an uncached step is mostly image
 decoding and preprocessing, while a cached step still runs the heads' forward, loss, backward and
 AdamW (a few hundred small dispatched ops for 42 heads in 5 categories). On a real backbone (CLIP
 ViT-B/16: ~17G per image) the same cached step is thousands of times cheaper than the uncached one.
+`--backbone-widths-of NAME` measures that: a random CLIP vision encoder with the widths of
+bench/configs/NAME.json, timed at 1/N and 2/N of its depth (`--depth-divisor N`), and extrapolated to the
+full depth (every layer costs the same), against the same heads on cached features of its width.
 
 `--threads` sets torch's CPU threads for every measurement alike. On a shared, loaded 2-core machine,
 two threads spin against each other and the neighbours' load: tiny-model steps measured 4-10x slower
@@ -81,49 +85,103 @@ def route(name: str, recipe: str, model: Path, paths: dict[str, Path], args, *ex
             "predict_rows_per_s": report["rows_per_s"], "wall_to_submission_s": total}
 
 
-def cache_speed(paths: dict[str, Path], args, kind: str) -> tuple[float, float]:
-    """(uncached, cached) `kind` heads-training samples/s with the frozen tiny CLIP.
-
-    Both run the trainer's own pieces (collator, classifier, loss, AdamW): uncached, every batch goes
-    images -> processor -> frozen backbone -> heads; cached, the collator hands cached features to the heads.
-    """
+def step_speed(model, collate, data, tables, batch_size: int, steps: int, rows: int) -> float:
+    """Best of three rounds of `steps` heads-training steps (collator, classifier, loss, AdamW as the trainer's),
+    in samples/s; batches cycle over the first `rows` training rows; round 0 starts with an untimed warm-up."""
     import torch
 
+    from vlmtax.classify_trainer import heads_loss
+    from vlmtax.losses import LossCfg
+
+    opt = torch.optim.AdamW(model.heads.parameters(), 1e-3, fused=True)  # as the trainer's
+    best = 0.0
+    for r in range(3):
+        t0 = time.perf_counter()
+        for s in range(-1 if r == 0 else 0, steps):
+            if s == 0:
+                t0 = time.perf_counter()
+            batch = collate([(s * batch_size + i) % rows for i in range(batch_size)])
+            targets = batch.pop("targets")
+            heads_loss(model(**batch), targets, tables, LossCfg(), 0.5).backward()
+            opt.step()
+            opt.zero_grad()
+        best = max(best, steps * batch_size / (time.perf_counter() - t0))
+    return best
+
+
+def cache_speed(backbone: Path, paths: dict[str, Path], args, kind: str, uncached_steps: int | None = None,
+                rows: int | None = None) -> tuple[float, float]:
+    """(uncached, cached) `kind` heads-training samples/s with the frozen `backbone`.
+
+    Both run the trainer's own pieces: uncached, every batch goes images -> processor -> frozen backbone
+    -> heads; cached, the collator hands cached features (of the first `rows` training images) to the
+    heads. A cached step takes milliseconds and the neighbours' load varies: at least 50 steps a round.
+    """
     from vlmtax.backbone import feature_dim, load_encoder, load_image_processor
     from vlmtax.classify_data import Collate, load_classify_data
-    from vlmtax.classify_trainer import heads_loss, heads_loss_tables
+    from vlmtax.classify_trainer import heads_loss_tables
     from vlmtax.features import extract
     from vlmtax.heads import Classifier, Heads
     from vlmtax.losses import LossCfg
 
     data = load_classify_data(paths["data"])
-    processor, encoder = load_image_processor(paths["clip"]), load_encoder(paths["clip"])
+    rows = min(rows or len(data.train.images), len(data.train.images))
+    processor, encoder = load_image_processor(backbone), load_encoder(backbone)
     encoder.requires_grad_(False)
-    features = extract(encoder, processor, data.train.images + data.val.images, 64)
+    features = extract(encoder, processor, data.train.images[:rows], 64)
     tables = heads_loss_tables(LossCfg(), data, {})
-
-    def speed(model: Classifier, collate: Collate) -> float:
-        """Best of three rounds of at least 50 steps (a cached step takes milliseconds; neighbours' load varies)."""
-        opt = torch.optim.AdamW(model.heads.parameters(), 1e-3, fused=True)  # as the trainer's
-        steps, best = max(args.steps, 50), 0.0
-        for r in range(3):
-            t0 = time.perf_counter()
-            for s in range(-1 if r == 0 else 0, steps):  # round 0 starts with an untimed warm-up step
-                if s == 0:
-                    t0 = time.perf_counter()
-                rows = [(s * args.batch_size + i) % len(data.train.images) for i in range(args.batch_size)]
-                batch = collate(rows)
-                targets = batch.pop("targets")
-                heads_loss(model(**batch), targets, tables, LossCfg(), 0.5).backward()
-                opt.step()
-                opt.zero_grad()
-            best = max(best, steps * args.batch_size / (time.perf_counter() - t0))
-        return best
-
     heads = Heads(data.layout, feature_dim(encoder, processor), kind=kind, width=128)  # the demo recipe's width
-    uncached = speed(Classifier(heads, encoder), Collate(data, processor))
-    cached = speed(Classifier(heads), Collate(data, features=features))
+    uncached = step_speed(Classifier(heads, encoder), Collate(data, processor), data, tables, args.batch_size,
+                          uncached_steps or max(args.steps, 50), rows)
+    cached = step_speed(Classifier(heads), Collate(data, features=features), data, tables, args.batch_size,
+                        max(args.steps, 50), rows)
     return uncached, cached
+
+
+def real_backbone(name: str, layers: int) -> Path:
+    """A random CLIP vision encoder with the widths of bench/configs/NAME.json (a published checkpoint's
+    vision config) and `layers` of its layers, with CLIP's 224 px preprocessing; built once."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    out = WORK / f"backbone-{name}-{layers}-layers"
+    if (out / "config.json").exists():
+        return out
+    real = json.loads((Path(__file__).resolve().parent / "configs" / f"{name}.json").read_text())
+    if real.get("model_type") != "clip_vision_model":
+        raise SystemExit(f"--backbone-widths-of: only CLIP vision configs are supported here, {name} is "
+                         f"{real.get('model_type')}")
+    fields = {k: v for k, v in real.items() if k != "model_type"}
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**{**fields, "num_hidden_layers": layers})).save_pretrained(out)
+    size = real["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
+    return out
+
+
+def real_width_cache_speed(paths: dict[str, Path], args) -> None:
+    """The frozen mode's cached vs uncached heads training with a backbone at a real checkpoint's widths.
+
+    The uncached step is timed at `d` and `2d` layers (d = depth / --depth-divisor); each layer costs the
+    same, so the full depth's step time is t(d) + (depth - d) * (t(2d) - t(d)) / d. The ratio at d layers
+    is a lower bound on the full-depth one.
+    """
+    depth = json.loads((Path(__file__).resolve().parent / "configs" / f"{args.backbone_widths_of}.json")
+                       .read_text())["num_hidden_layers"]
+    d = max(1, round(depth / args.depth_divisor))
+    rows = args.batch_size * args.real_steps
+    times, cached = {}, 0.0
+    for layers in (d, 2 * d):
+        uncached, c = cache_speed(real_backbone(args.backbone_widths_of, layers), paths, args, "mlp",
+                                  uncached_steps=args.real_steps, rows=rows)
+        times[layers], cached = args.batch_size / uncached, max(cached, c)
+        print(f"{args.backbone_widths_of} widths, {layers} of {depth} layers: uncached {uncached:.2f} samples/s, "
+              f"cached {c:.1f} samples/s, {c / uncached:.0f}x")
+    step = times[d] + (depth - d) * (times[2 * d] - times[d]) / d
+    ratio = cached * step / args.batch_size
+    print(f"{args.backbone_widths_of}, all {depth} layers (extrapolated): uncached step {step:.1f} s at batch "
+          f"{args.batch_size}, {args.batch_size / step:.2f} samples/s; cached {cached:.1f} samples/s: {ratio:.0f}x "
+          f"(target >= 50x: {'met' if ratio >= 50 else 'NOT met'})")
 
 
 def frozen_sft_speed(paths: dict[str, Path], args) -> float:
@@ -149,12 +207,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backbone-widths-of", metavar="NAME",
+                        help="also time the frozen mode's cache with a random backbone at the widths of "
+                             "bench/configs/NAME.json (clip-vit-large-patch14)")
+    parser.add_argument("--depth-divisor", type=int, default=24, help="with --backbone-widths-of: time it at "
+                        "depth / N and 2 * depth / N layers and extrapolate to the full depth")
+    parser.add_argument("--real-steps", type=int, default=3, help="uncached steps per round at real widths")
+    parser.add_argument("--only-real-widths", action="store_true", help="skip the tiny-model measurements")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     paths = setup(args)
+    if args.backbone_widths_of:
+        real_width_cache_speed(paths, args)
+        if args.only_real_widths:
+            return
     gen = route("generate", "tiny_cpu.yaml", paths["qwen"], paths, args, "image.max_pixels=12544")
     cls = route("classify", "tiny_heads_cpu.yaml", paths["clip"], paths, args, f"heads.cache_dir={WORK / 'cache'}")
     print(f"{'':28}{'generate':>12}{'classify':>12}{'ratio':>8}")
@@ -162,7 +231,7 @@ def main() -> None:
         print(f"{key:28}{gen[key]:12.1f}{cls[key]:12.1f}{cls[key] / gen[key]:8.1f}x")
     frozen = frozen_sft_speed(paths, args)
     for kind in ("mlp", "linear"):
-        uncached, cached = cache_speed(paths, args, kind)
+        uncached, cached = cache_speed(paths["clip"], paths, args, kind)
         print(f"frozen {kind} heads training (hand loop): uncached {uncached:.1f} samples/s, cached {cached:.1f} "
               f"samples/s, {cached / uncached:.1f}x (target >= 50x: {'met' if cached / uncached >= 50 else 'NOT met'})")
         if kind == "mlp":
