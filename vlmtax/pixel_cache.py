@@ -15,16 +15,16 @@ import torch
 
 
 def per_image(inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """One processor call's output split into single-image inputs (joined again by `torch.cat` per key).
+    """One processor call's output split into single-image inputs (views; joined again by `torch.cat` per key).
 
     Qwen-family processors give a variable number of patch rows per image (`image_grid_thw`); the
-    others one block per image. Clones, so a kept image does not hold its whole batch's storage.
+    others one block per image.
     """
     if "image_grid_thw" in inputs:
         grids = inputs["image_grid_thw"]
         blocks = inputs["pixel_values"].split(grids.prod(-1).tolist())
-        return [{"pixel_values": b.clone(), "image_grid_thw": g[None].clone()} for b, g in zip(blocks, grids)]
-    return [{"pixel_values": p[None].clone()} for p in inputs["pixel_values"]]
+        return [{"pixel_values": b, "image_grid_thw": g[None]} for b, g in zip(blocks, grids)]
+    return [{"pixel_values": p[None]} for p in inputs["pixel_values"]]
 
 
 class PixelCache:
@@ -38,12 +38,17 @@ class PixelCache:
               ) -> dict[str, torch.Tensor]:
         """The inputs of `keys` in order; `process` (one processor call) handles the keys not kept yet."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.items]
-        fresh = dict(zip(missing, per_image(process(missing)))) if missing else {}
-        for key, single in fresh.items():
-            size = sum(t.numel() * t.element_size() for t in single.values())
-            if self.used + size <= self.budget:
-                self.items[key] = single
-                self.used += size
+        fresh = {}
+        if missing:
+            out = process(missing)
+            fresh = dict(zip(missing, per_image(out)))
+            for key, single in fresh.items():
+                size = sum(t.numel() * t.element_size() for t in single.values())
+                if self.used + size <= self.budget:  # a copy, so that it does not hold its batch's storage
+                    self.items[key] = {name: t.clone() for name, t in single.items()}
+                    self.used += size
+            if missing == list(keys):  # nothing was kept before and no key repeats: the call's output is the batch
+                return out
         items = [self.items.get(k) or fresh[k] for k in keys]
         return {name: torch.cat([it[name] for it in items]) for name in items[0]}
 
