@@ -85,7 +85,7 @@ def route(name: str, recipe: str, model: Path, paths: dict[str, Path], args, *ex
             "predict_rows_per_s": report["rows_per_s"], "wall_to_submission_s": total}
 
 
-def step_speed(model, collate, data, tables, batch_size: int, steps: int, rows: int) -> float:
+def step_speed(model, collate, tables, batch_size: int, steps: int, rows: int) -> float:
     """Best of three rounds of `steps` heads-training steps (collator, classifier, loss, AdamW as the trainer's),
     in samples/s; batches cycle over the first `rows` training rows; round 0 starts with an untimed warm-up."""
     import torch
@@ -131,11 +131,16 @@ def cache_speed(backbone: Path, paths: dict[str, Path], args, kind: str, uncache
     features = extract(encoder, processor, data.train.images[:rows], 64)
     tables = heads_loss_tables(LossCfg(), data, {})
     heads = Heads(data.layout, feature_dim(encoder, processor), kind=kind, width=128)  # the demo recipe's width
-    uncached = step_speed(Classifier(heads, encoder), Collate(data, processor), data, tables, args.batch_size,
+    uncached = step_speed(Classifier(heads, encoder), Collate(data, processor), tables, args.batch_size,
                           uncached_steps or max(args.steps, 50), rows)
-    cached = step_speed(Classifier(heads), Collate(data, features=features), data, tables, args.batch_size,
+    cached = step_speed(Classifier(heads), Collate(data, features=features), tables, args.batch_size,
                         max(args.steps, 50), rows)
     return uncached, cached
+
+
+def published_config(name: str) -> dict:
+    """bench/configs/NAME.json: a published checkpoint's config (sources in bench/configs/README.md)."""
+    return json.loads((Path(__file__).resolve().parent / "configs" / f"{name}.json").read_text())
 
 
 def real_backbone(name: str, layers: int) -> Path:
@@ -147,7 +152,7 @@ def real_backbone(name: str, layers: int) -> Path:
     out = WORK / f"backbone-{name}-{layers}-layers"
     if (out / "config.json").exists():
         return out
-    real = json.loads((Path(__file__).resolve().parent / "configs" / f"{name}.json").read_text())
+    real = published_config(name)
     if real.get("model_type") != "clip_vision_model":
         raise SystemExit(f"--backbone-widths-of: only CLIP vision configs are supported here, {name} is "
                          f"{real.get('model_type')}")
@@ -166,8 +171,7 @@ def real_width_cache_speed(paths: dict[str, Path], args) -> None:
     same, so the full depth's step time is t(d) + (depth - d) * (t(2d) - t(d)) / d. The ratio at d layers
     is a lower bound on the full-depth one.
     """
-    depth = json.loads((Path(__file__).resolve().parent / "configs" / f"{args.backbone_widths_of}.json")
-                       .read_text())["num_hidden_layers"]
+    depth = published_config(args.backbone_widths_of)["num_hidden_layers"]
     d = max(1, round(depth / args.depth_divisor))
     rows = args.batch_size * args.real_steps
     times, cached = {}, 0.0
