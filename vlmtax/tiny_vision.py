@@ -23,7 +23,8 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              patch_size=PATCH)
 
 
-def _build(family: str):
+def _build(family: str, **sizes):
+    """(model, processor) of `family` at SIZES, with any of them replaced by `sizes` (bench/visible.py)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -37,9 +38,9 @@ def _build(family: str):
         # CLIP's preprocessing: resize the short side, centre crop; CLIP mean/std are the class defaults.
         processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        return CLIPVisionModel(CLIPVisionConfig(**SIZES)), processor
+        return CLIPVisionModel(CLIPVisionConfig(**{**SIZES, **sizes})), processor
     processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return SiglipVisionModel(SiglipVisionConfig(**SIZES)), processor
+    return SiglipVisionModel(SiglipVisionConfig(**{**SIZES, **sizes})), processor
 
 
 def build_tiny_vision(out_dir: str | Path, family: str = "clip", seed: int = 0) -> Path:
