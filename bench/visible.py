@@ -64,14 +64,16 @@ def bigger_clip(layers: int, hidden: int) -> Path:
     """A random CLIP vision encoder like the demo's (64 px, 8 px patches) with `layers` layers of width `hidden`."""
     import torch
 
+    from vlmtax.fileio import atomic_dir
     from vlmtax.tiny_vision import _build
 
     out = WORK / f"clip-l{layers}-h{hidden}"
     if not out.exists():
         torch.manual_seed(0)
         model, processor = _build("clip", num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden)
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
+        with atomic_dir(out) as tmp:  # an interrupted save leaves no half-written folder to reuse
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
     return out
 
 

@@ -170,11 +170,12 @@ def test_tiny_vision_cli(family, tmp_path):
     assert AutoImageProcessor.from_pretrained(tmp_path / family).size
 
 
-
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_tiny_vision_sizes_can_be_overridden(family):
     """bench/visible.py builds bigger random encoders through the same builder: the sizes given change,
-    every other size and the processor stay the tiny model's."""
+    every other size and the processor stay the tiny model's; the image and patch sizes cannot change."""
+    import torch
+
     from vlmtax.tiny_vision import SIZES, _build
 
     model, processor = _build(family, num_hidden_layers=3, hidden_size=32, intermediate_size=64)
@@ -182,13 +183,14 @@ def test_tiny_vision_sizes_can_be_overridden(family):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (3, 32, 64)
     assert (cfg.image_size, cfg.patch_size, cfg.num_attention_heads) == (SIZES["image_size"], SIZES["patch_size"],
                                                                          SIZES["num_attention_heads"])
-    import torch
-
     out = model(pixel_values=torch.zeros(1, 3, SIZES["image_size"], SIZES["image_size"]), output_hidden_states=True)
     assert len(out.hidden_states) == 3 + 1 and out.last_hidden_state.shape[-1] == 32
-    tiny, _ = _build(family)
+    tiny, tiny_processor = _build(family)
     assert tiny.config.num_hidden_layers == SIZES["num_hidden_layers"]
-    assert type(processor) is type(_build(family)[1])
+    assert processor.to_dict() == tiny_processor.to_dict()
+    with pytest.raises(ValueError, match="image_size"):
+        _build(family, image_size=128)
+
 
 @pytest.mark.parametrize("mode", ["full", "frozen"])
 def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepared_dir, synth_dir, tmp_path):

@@ -24,7 +24,10 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 
 
 def _build(family: str, **sizes):
-    """(model, processor) of `family` at SIZES, with any of them replaced by `sizes` (bench/visible.py)."""
+    """(model, processor) of `family` at SIZES, widths or depth replaced by `sizes` (bench/visible.py); the
+    image and patch sizes stay, since the processor is built for them."""
+    if fixed := sorted({"image_size", "patch_size"} & sizes.keys()):
+        raise ValueError(f"{', '.join(fixed)} cannot be overridden: the image processor is built for {IMAGE_SIZE} px")
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
