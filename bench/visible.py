@@ -39,8 +39,7 @@ BAR = 0.3
 
 def setup(heldout_rows: int) -> dict[str, Path]:
     """The demo's catalogue and prepared data, a held-out catalogue (seed 7), the demo's tiny CLIP."""
-    from vlmtax.demo import demo_catalogue
-    from vlmtax.prepare import prepare
+    from vlmtax.demo import demo_catalogue, demo_prepare
     from vlmtax.synth import synth
     from vlmtax.tiny_model import build_tiny_model
     from vlmtax.tiny_vision import build_tiny_vision
@@ -52,29 +51,17 @@ def setup(heldout_rows: int) -> dict[str, Path]:
         demo_catalogue(paths["cat"])
     if not paths["heldout"].exists():
         synth(paths["heldout"], rows=1, test_rows=heldout_rows, seed=7, image_size=112)
-    if not paths["data"].exists():  # the demo's prepare call
-        prepare(csv=paths["cat"] / "train.csv", images=paths["cat"] / "train_images",
-                attributes=paths["cat"] / "category_attributes.parquet", out=paths["data"],
-                model=build_tiny_model(WORK / "tiny-qwen", seed=0), max_pixels=12544,
-                remaps=["Sarees:attr_1<->attr_4"], missing="mask")
+    if not paths["data"].exists():
+        demo_prepare(paths["cat"], paths["data"], build_tiny_model(WORK / "tiny-qwen", seed=0))
     return paths
 
 
 def bigger_clip(layers: int, hidden: int) -> Path:
     """A random CLIP vision encoder like the demo's (64 px, 8 px patches) with `layers` layers of width `hidden`."""
-    import torch
+    from vlmtax.tiny_vision import build_tiny_vision
 
-    from vlmtax.fileio import atomic_dir
-    from vlmtax.tiny_vision import _build
-
-    out = WORK / f"clip-l{layers}-h{hidden}"
-    if not out.exists():
-        torch.manual_seed(0)
-        model, processor = _build("clip", num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden)
-        with atomic_dir(out) as tmp:  # an interrupted save leaves no half-written folder to reuse
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-    return out
+    return build_tiny_vision(WORK / f"clip-l{layers}-h{hidden}", "clip", seed=0, num_hidden_layers=layers,
+                             hidden_size=hidden, intermediate_size=2 * hidden)
 
 
 def gains(report: dict) -> tuple[dict[str, float], dict[str, float]]:

@@ -192,6 +192,20 @@ def test_tiny_vision_sizes_can_be_overridden(family):
         _build(family, image_size=128)
 
 
+def test_tiny_vision_with_sizes_is_kept_only_for_the_same_sizes(tmp_path):
+    from vlmtax.tiny_vision import build_tiny_vision
+
+    bigger = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64)
+    out = build_tiny_vision(tmp_path / "m", "clip", seed=0, **bigger)
+    assert build_tiny_vision(out, "clip", seed=0, **bigger) == out  # kept
+    for other in ({}, {**bigger, "num_hidden_layers": 4}):
+        with pytest.raises(VlmtaxError, match="already exists"):
+            build_tiny_vision(out, "clip", seed=0, **other)
+    default = build_tiny_vision(tmp_path / "d", "clip", seed=0)
+    with pytest.raises(VlmtaxError, match="already exists"):
+        build_tiny_vision(default, "clip", seed=0, **bigger)
+
+
 @pytest.mark.parametrize("mode", ["full", "frozen"])
 def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepared_dir, synth_dir, tmp_path):
     """train.eval_metric on a classify run: the logged score is `vlmtax score` of the step's predictions, the

@@ -39,6 +39,16 @@ def demo_catalogue(cat: str | Path, rows: int = 4000, test_rows: int = 500) -> P
     return synth(cat, rows=rows, test_rows=test_rows, seed=0, image_size=112)
 
 
+def demo_prepare(cat: str | Path, data: str | Path, model: str | Path) -> dict[str, Any]:
+    """The demo's prepared data in `data`, from the catalogue `cat` with the tiny VLM `model`: what its third
+    stage writes (and what the classify route trains on too); returns prepare's report."""
+    from vlmtax.prepare import prepare
+
+    return prepare(csv=Path(cat) / "train.csv", images=Path(cat) / "train_images",
+                   attributes=Path(cat) / "category_attributes.parquet", out=data, model=model,
+                   max_pixels=12544, remaps=["Sarees:attr_1<->attr_4"], missing="mask")
+
+
 def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 500,
          classify: bool = True, ensemble: bool = True, family: str = "qwen2_vl") -> dict[str, Any]:
     """Run the whole pipeline in `workdir`; returns the generate route's score report, with the classify
@@ -48,7 +58,6 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     (the classify route and the ensemble are the default demo's)."""
     from vlmtax.merge import merge
     from vlmtax.predict import predict
-    from vlmtax.prepare import prepare
     from vlmtax.score import score
     from vlmtax.sft import sft
     from vlmtax.tiny_families import TINY_FAMILIES
@@ -74,9 +83,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     stage(2, f"tiny-model: random tiny {TINY_FAMILIES[family].label}", model / "vlmtax_tiny.json",
           lambda: build_tiny_model(model, seed=0, family=family))
     stage(3, "prepare: training records", data / "prepare_meta.json",
-          lambda: prepare(csv=cat / "train.csv", images=cat / "train_images",
-                          attributes=cat / "category_attributes.parquet", out=data, model=model,
-                          max_pixels=12544, remaps=["Sarees:attr_1<->attr_4"], missing="mask"))
+          lambda: demo_prepare(cat, data, model))
     stage(4, "sft: fine-tuning (recipes/tiny_cpu.yaml)", run / "vlmtax_meta.json",
           lambda: sft(_recipe_path(), [f"model={model}", f"data={data}", f"output_dir={run}",
                                        f"resume={'true' if run.exists() else 'false'}"]))

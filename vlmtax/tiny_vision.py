@@ -46,18 +46,21 @@ def _build(family: str, **sizes):
     return SiglipVisionModel(SiglipVisionConfig(**{**SIZES, **sizes})), processor
 
 
-def build_tiny_vision(out_dir: str | Path, family: str = "clip", seed: int = 0) -> Path:
-    """Write a tiny random vision encoder and its image processor to `out_dir`; kept if already built."""
+def build_tiny_vision(out_dir: str | Path, family: str = "clip", seed: int = 0, **sizes: int) -> Path:
+    """Write a tiny random vision encoder and its image processor to `out_dir`; kept if already built.
+    `sizes` replace widths or depth of SIZES (bench/visible.py's bigger encoders) and are recorded in the marker."""
     if family not in VISION_FAMILIES:
         raise VlmtaxError(f"unknown vision family {family!r}", f"use one of {', '.join(VISION_FAMILIES)}")
     out = Path(out_dir)
     want = {"build": BUILD_VERSION, "seed": seed, "family": family}
+    if sizes:  # left out otherwise, so the markers of default builds stay as they were
+        want["sizes"] = sizes
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         try:
             meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = None
-        if isinstance(meta, dict) and all(meta.get(k) == v for k, v in want.items()):
+        if isinstance(meta, dict) and all(meta.get(k) == v for k, v in want.items()) and meta.get("sizes", {}) == sizes:
             return out
         raise VlmtaxError(f"{out} already exists and holds other files", "choose another folder or delete it")
 
@@ -68,7 +71,7 @@ def build_tiny_vision(out_dir: str | Path, family: str = "clip", seed: int = 0) 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _build(family)
+        model, processor = _build(family, **sizes)
     meta = {**want, "vlmtax": vlmtax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
