@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside each verb so `vlmtax --help` s
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sys
@@ -15,6 +16,7 @@ import typer
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import os_error
+from vlmtax.runlog import command_log, library_output, set_verbose
 
 app = typer.Typer(
     name="vlmtax",
@@ -44,8 +46,11 @@ DemoFamily = _choices("DemoFamily", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3
 
 @app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
               "setup (one `error:` line); 130 interrupted (Ctrl-C).")
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+          verbose: Annotated[bool, typer.Option(
+              "--verbose", help="Show the libraries' own logs, warnings and progress bars on the terminal "
+                                "(otherwise they go to a log file: sft's train.log in the run dir).")] = False) -> None:
+    """Declares --debug and --verbose for the help text; main() reads them from sys.argv before any command runs."""
 
 
 @app.command()
@@ -276,17 +281,23 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """
     from vlmtax.demo import demo as run
 
-    run(workdir, family=family.value)
+    with library_output(Path(workdir) / "demo.log"):  # the libraries' output of every stage but sft's
+        run(workdir, family=family.value)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit 0 on success, 2 with one `error:` line for bad input, 130 when interrupted."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    set_verbose("--verbose" in args)
+    verb = next((a for a in args if not a.startswith("-")), "vlmtax")
     try:
         # standalone_mode=False: errors come back here to be printed as one line. Typer then turns Ctrl-C into
         # a returned exit code 130 (and click's own handling into "Aborted!").
-        code = app(args=args, prog_name="vlmtax", standalone_mode=False)
+        # the libraries' output to a log file; not for --help, which imports none of them and stays fast
+        quiet = "--help" not in args and verb != "vlmtax"
+        with library_output(command_log(verb), mode="w") if quiet else contextlib.nullcontext():
+            code = app(args=args, prog_name="vlmtax", standalone_mode=False)
         if code == 130:
             _interrupted()
         if isinstance(code, int) and code:
