@@ -99,7 +99,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
                           probs=work / f"probs{tag}.jsonl"))
     console.rule("[7/7] score: competition metric")
     report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
-                   json_out=work / f"score{tag}.json", plot=work / f"score{tag}.png", console=console)
+                   json_out=work / f"score{tag}.json", plot=work / f"score{tag}.png", console=console,
+                   detail=False)
     if classify:
         report["classify"] = classify_route(work, cat, data, console)
         if ensemble:
@@ -143,7 +144,8 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
     tuned = tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
                               work / "ensemble", console=console)
     report = score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
-                   taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console)
+                   taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console,
+                   detail=False)
     rule = tuned["val"]["choice"]["rule"]  # "ensemble" or "model K alone", K in the runs' order
     for k, name in enumerate(runs, 1):
         rule = rule.replace(f"model {k} alone", f"the {name} route alone")
@@ -172,7 +174,8 @@ def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[
         _run_stage(console, f"classify {n}/4", name, done, fn)
     console.rule("[classify 4/4] score: competition metric")
     return score(truth=cat / "test_labels.csv", pred=submission, taxonomy=run / "taxonomy.json",
-                 json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console)
+                 json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console,
+                 detail=False)
 
 
 def side_by_side(generate: dict[str, Any], classify: dict[str, Any], ensemble: dict[str, Any] | None = None) -> Table:

@@ -34,11 +34,13 @@ def score(
     plot: str | Path | None = None,
     baseline: str | Path | None = None,
     console: Console | None = None,
+    detail: bool = True,
 ) -> dict[str, Any]:
     """Score `pred` against `truth`; print tables, optionally write JSON and a PNG; return the report.
 
     `baseline` is an optional training CSV whose per-attribute modes define the constant baseline;
-    without it the taxonomy's modes are used, or, with no taxonomy, the truth's own modes.
+    without it the taxonomy's modes are used, or, with no taxonomy, the truth's own modes. `detail=False`
+    prints the per-category table alone (the JSON and the plot keep every figure): the demo's terminal.
     """
     guard_outputs({"--truth": truth, "--pred": pred, "--taxonomy": taxonomy, "--baseline": baseline},
                   {"--json": json_out, "--plot": plot})
@@ -63,7 +65,7 @@ def score(
     report = build_report(result, base, baseline_source=source)
     report.update(truth=str(truth), pred=str(pred), taxonomy=None if taxonomy is None else str(taxonomy))
     # Wide tables when logged to a file: rich draws 80 columns off a terminal, eliding most cells.
-    print_report(result, base, console or Console(width=None if sys.stdout.isatty() else 160))
+    print_report(result, base, console or Console(width=None if sys.stdout.isatty() else 160), detail)
     if json_out is not None:
         write_json(json_out, report)
     if plot is not None:
@@ -99,7 +101,7 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.4f}"
 
 
-def print_report(result: MetricResult, base: MetricResult, console: Console) -> None:
+def print_report(result: MetricResult, base: MetricResult, console: Console, detail: bool = True) -> None:
     for line in result.checks.problems():
         console.print(f"[yellow]check:[/] {escape(line)}")
 
@@ -111,7 +113,12 @@ def print_report(result: MetricResult, base: MetricResult, console: Console) -> 
         cats.add_row(escape(cat.name), _fmt(cat.score), _fmt(base.category(cat.name).score), str(cat.rows),
                      str(len(cat.attributes) - len(cat.left_out)), escape(", ".join(cat.left_out)))
     console.print(cats)
+    if detail:
+        console.print(_attribute_table(result, base))
+    console.print(f"[bold]final score {result.final:.4f}[/] (constant baseline {base.final:.4f})")
 
+
+def _attribute_table(result: MetricResult, base: MetricResult) -> Table:
     attrs = Table(title="per attribute", title_justify="left", caption_justify="left",
                   caption="score: harmonic mean of micro- and macro-F1; oov: share of predictions outside "
                   "the vocabulary")
@@ -123,8 +130,7 @@ def print_report(result: MetricResult, base: MetricResult, console: Console) -> 
             label = attr.name if attr.name == attr.column else f"{attr.name} ({attr.column})"
             attrs.add_row(escape(cat.name), escape(label), _fmt(attr.micro), _fmt(attr.macro), _fmt(attr.score),
                           _fmt(battr.score), str(attr.support), _fmt(attr.out_of_vocab, pct=True))
-    console.print(attrs)
-    console.print(f"[bold]final score {result.final:.4f}[/] (constant baseline {base.final:.4f})")
+    return attrs
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[list[str], np.ndarray]:
