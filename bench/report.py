@@ -98,7 +98,8 @@ def main() -> None:
     if not (cat / "test_labels.csv").exists():
         synth(cat, rows=20, test_rows=args.unique, seed=0, image_size=112)
     truth, images = tile(cat, work, args.rows)
-    pred, probs, other = work / f"pred-{args.rows}.csv", work / f"probs-{args.rows}.jsonl", work / f"other-{args.rows}.csv"
+    pred, probs = work / f"pred-{args.rows}.csv", work / f"probs-{args.rows}.jsonl"
+    other = work / f"other-{args.rows}.csv"
     taxonomy = work / "taxonomy.json"
     if not probs.exists():
         fake_run(truth, pred, probs, args.error, seed=1)

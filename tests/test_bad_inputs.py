@@ -615,9 +615,9 @@ def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, m
 
 
 def test_every_verb_has_cases():
-    from vlmtax.cli import app
-
     from test_report import REPORT_CASES  # report's cases live beside its other tests, same runner
+
+    from vlmtax.cli import app
 
     verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
     counts = {v: sum(c.verb == v for c in CASES + REPORT_CASES) for v in verbs}

@@ -153,6 +153,18 @@ def test_folder_is_offline_with_thumbnails_written_once(built):
         assert im.size == (SHEET * THUMB_PX, SHEET * THUMB_PX)
 
 
+def test_without_probs_or_images(built, tmp_path):
+    out = tmp_path / "plain"
+    argv = ["report", "--truth", built["truth"], "--pred", built["pred"], "--out", out]
+    assert cli_exit_code([str(a) for a in argv]) == 0
+    figures = json.loads((out / "figures.json").read_text())
+    assert figures["runs"][0] == _figures(built)["runs"][0] and len(figures["runs"]) == 1
+    assert all(a["calibration"] is None for a in figures["attributes"])
+    text = (out / "gallery" / "0.js").read_text()
+    assert all(m["img"] is None and m["conf"] is None for m in json.loads(text[text.index(",") + 1: -3]))
+    assert not (out / "thumbs").exists() and "most confident first" not in (out / "index.html").read_text()
+
+
 # --- bad input: the same rules (and the same runner) as tests/test_bad_inputs.py ---------------------------
 
 def _files(c: Ctx) -> tuple[Path, Path]:
@@ -330,7 +342,8 @@ def test_page_confusion_click_filters_gallery(page, built):
     page.wait(f"document.querySelector('{gallery}').dataset.ready === '1'")
     shown = page.js(f"(() => {{ const g = document.querySelector('{gallery}'); return {{open: g.open, "
                     "count: g.querySelector('.count').textContent, filter: g.querySelector('.filter').textContent, "
-                    "cards: [...g.querySelectorAll('.card')].map(c => [Number(c.dataset.t), Number(c.dataset.p)])}; })()")
+                    "cards: [...g.querySelectorAll('.card')].map(c => [Number(c.dataset.t), Number(c.dataset.p)])}; "
+                    "})()")
     assert shown["open"]
     n = int(matrix[t, p])
     assert shown["count"] == f"{n} mistake{'s' if n != 1 else ''}"

@@ -30,8 +30,9 @@ TOP_K = 3  # probabilities shown per mistake
 
 def report(truth: str | Path, pred: str | Path, out: str | Path, probs: str | Path | None = None,
            images: str | Path | None = None, taxonomy: str | Path | None = None,
-           compare: list[str | Path] | tuple = ()) -> Path:
-    """Write the report folder `out` (index.html, figures.json, thumbs/, gallery/); returns index.html's path."""
+           compare: list[str | Path] | tuple = (), labels: list[str] | None = None) -> Path:
+    """Write the report folder `out` (index.html, figures.json, thumbs/, gallery/); returns index.html's path.
+    `labels` names the submissions (default: their file stems)."""
     from vlmtax.report_html import write_folder
 
     inputs: dict[str, str | Path | None] = {"--truth": truth, "--pred": pred, "--probs": probs,
@@ -45,7 +46,7 @@ def report(truth: str | Path, pred: str | Path, out: str | Path, probs: str | Pa
     tax = Taxonomy.load(taxonomy) if taxonomy is not None else None
     paths = [Path(pred), *map(Path, compare)]
     runs = []
-    for label, path in zip(run_labels(paths), paths):
+    for label, path in zip(labels or run_labels(paths), paths):
         frame = read_csv(path, "prediction CSV", ["id", "Category"])
         check_ids(truth_df, frame, path)
         result, base, source = score_frames(truth_df, frame, tax)

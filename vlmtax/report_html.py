@@ -37,7 +37,7 @@ def write_folder(folder: Path, figures: dict[str, Any], mistakes: dict[str, list
         text = json.dumps(rows, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
         (folder / "gallery" / f"{k}.js").write_text(f"vlmtaxGallery({k},{text});\n", encoding="utf-8")
     write_json(folder / "figures.json", figures, indent=None)
-    (folder / "index.html").write_text(render(figures, has_images=bool(thumbs)), encoding="utf-8")
+    (folder / "index.html").write_text(render(figures), encoding="utf-8")
 
 
 def _thumb(src: Path) -> Any:
@@ -125,7 +125,7 @@ def reliability_svg(cal: dict[str, Any], size: int = 180) -> Markup:
     return Markup("".join(parts))
 
 
-def render(figures: dict[str, Any], has_images: bool) -> str:
+def render(figures: dict[str, Any]) -> str:
     """index.html from the package's template (autoescaped: values and ids are the user's data)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -134,9 +134,9 @@ def render(figures: dict[str, Any], has_images: bool) -> str:
     env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     shares = [[[n / max(sum(row), 1) for n in row] for row in a["confusion"]] for a in figures["attributes"]]
     # What the gallery script needs per attribute; the rows themselves come from gallery/N.js on demand.
-    meta = [{"labels": a["labels"], "n": a["n_mistakes"]} for a in figures["attributes"]]
+    meta = [{"labels": a["labels"]} for a in figures["attributes"]]
     return env.get_template("report.html.j2").render(
-        f=figures, shares=shares, sheet=SHEET, px=THUMB_PX, meta=meta, has_images=has_images, has_probs=figures["probs"] is not None,
+        f=figures, shares=shares, sheet=SHEET, px=THUMB_PX, meta=meta, has_probs=figures["probs"] is not None,
         svg={k: reliability_svg(a["calibration"]) for k, a in enumerate(figures["attributes"]) if a["calibration"]},
         problems=_problems(figures["runs"][0]["checks"]))
 
