@@ -142,3 +142,13 @@ def test_the_tuned_ensemble_is_no_worse_than_the_better_route(demo_report):
           f"ensemble {report['ensemble']['final']:.4f}")
     assert report["ensemble"]["final"] >= best - ENSEMBLE_SLACK
     assert (work / "ensemble" / "decision.json").exists() and (work / "ensemble" / "ensemble.csv").exists()
+
+
+@pytest.mark.slow
+def test_demo_writes_its_report(demo_report):
+    """The demo's report shows the three routes, with the generate route's numbers those of its score.json."""
+    _, work = demo_report
+    figures = json.loads((work / "report" / "figures.json").read_text())
+    assert figures["labels"] == ["generate", "classify", "ensemble"]
+    assert figures["runs"][0] == json.loads((work / "score.json").read_text())
+    assert (work / "report" / "index.html").is_file() and any((work / "report" / "thumbs").iterdir())

@@ -219,6 +219,24 @@ def score(
 
 
 @app.command()
+def report(
+    truth: Annotated[Path, typer.Option(help="Truth CSV (submission layout).")],
+    pred: Annotated[Path, typer.Option(help="Prediction CSV whose mistakes the report shows.")],
+    out: Annotated[Path, typer.Option(help="Report folder to write (index.html, figures.json, thumbs/).")],
+    probs: Annotated[Path | None, typer.Option(help="The prediction's probabilities (predict --probs).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder of the truth rows' images, for thumbnails.")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(
+        help="Another submission on the same rows, shown side by side (repeat the option).")] = None,
+) -> None:
+    """Write an error-analysis page: per-attribute confusion, per-value P/R/F1, mistakes as pictures."""
+    from vlmtax.report import report as run
+
+    index = run(truth=truth, pred=pred, out=out, probs=probs, images=images, taxonomy=taxonomy, compare=compare or [])
+    typer.echo(f"report written: {index}")
+
+
+@app.command()
 def tune(
     probs: Annotated[list[Path], typer.Argument(
         help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],

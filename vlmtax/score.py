@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -52,16 +53,10 @@ def score(
     truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
     pred_df = read_csv(pred, "prediction CSV", ["id", "Category"])
     tax = Taxonomy.load(taxonomy) if taxonomy is not None else None
-    result = compute_metric(truth_df, pred_df, tax)
-    modes = None
+    base_df = read_csv(baseline, "baseline training CSV", ["Category"]) if baseline is not None else None
+    result, base, source = score_frames(truth_df, pred_df, tax, base_df)
     if baseline is not None:
-        modes = modes_from_frame(read_csv(baseline, "baseline training CSV", ["Category"]), result.taxonomy)
         source = f"modes of {baseline}"
-    else:
-        source = "taxonomy modes" if tax is not None else "truth modes"
-    # Scored with the resolved taxonomy so that both runs use the same attributes and vocabularies.
-    base = compute_metric(truth_df, constant_prediction(truth_df, result.taxonomy, modes), result.taxonomy)
-
     report = build_report(result, base, baseline_source=source)
     report.update(truth=str(truth), pred=str(pred), taxonomy=None if taxonomy is None else str(taxonomy))
     # Wide tables when logged to a file: rich draws 80 columns off a terminal, eliding most cells.
@@ -71,6 +66,22 @@ def score(
     if plot is not None:
         draw_plot(result, base, plot)
     return report
+
+
+def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, taxonomy: Taxonomy | None,
+                 baseline: pd.DataFrame | None = None) -> tuple[MetricResult, MetricResult, str]:
+    """The model's metric, the constant baseline's (on the same resolved taxonomy) and where its modes came
+    from: what `score` prints and `report` draws, so that both show the same numbers."""
+    result = compute_metric(truth, pred, taxonomy)
+    modes = None
+    if baseline is not None:
+        modes = modes_from_frame(baseline, result.taxonomy)
+        source = "modes of the baseline training CSV"
+    else:
+        source = "taxonomy modes" if taxonomy is not None else "truth modes"
+    # Scored with the resolved taxonomy so that both runs use the same attributes and vocabularies.
+    base = compute_metric(truth, constant_prediction(truth, result.taxonomy, modes), result.taxonomy)
+    return result, base, source
 
 
 def build_report(result: MetricResult, base: MetricResult, baseline_source: str = "") -> dict[str, Any]:
