@@ -39,6 +39,10 @@ class Family:
     # train.packing: a block-diagonal mask and per-record M-RoPE keep packed records apart (a recurrent layer,
     # as in Qwen3.5, would carry state from one record into the next)
     packing: bool = False
+    # The vision tower with its merger(s), as a module path of the loaded *ForConditionalGeneration. QLoRA keeps
+    # it in 16 bits: transformers 5 matches a skip name only from the start or the end of the full module name
+    # (quantizers_utils.should_convert_module), so the bare "visual" skipped nothing.
+    tower: str = "model.visual"
 
     @property
     def projector_regex(self) -> str:

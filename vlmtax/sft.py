@@ -63,13 +63,14 @@ def check_gpu_features(recipe: Recipe, hw: Hardware) -> None:
                 raise VlmtaxError(f"{module} is not installed", fix) from None
 
 
-def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
-    """QLoRA: nf4 with double quantisation; the vision tower and the output layer stay in 16 bits."""
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype, family: Family) -> Any:
+    """QLoRA: nf4 with double quantisation; the vision tower (merger included) and the output layer stay in
+    16 bits. Skip names are full module paths: transformers matches them as a prefix or suffix, as a regex."""
     if recipe.quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["visual", "lm_head"]
+    skip = [re.escape(family.tower), "lm_head"]
     if recipe.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -89,9 +90,9 @@ def check_logging(recipe: Recipe) -> None:
                           "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
 
 
-def _skeleton(recipe: Recipe) -> Any:
-    """The model built on the meta device from its config: module names without loading a weight."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def _model_config(recipe: Recipe) -> Any:
+    """The recipe's model config, of a supported family, before any weight loads."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -99,6 +100,14 @@ def _skeleton(recipe: Recipe) -> Any:
         raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first_line(exc)}",
                           "point model: at a model folder of a supported family") from None
     family_of(config, f"model {recipe.model}")
+    return config
+
+
+def _skeleton(recipe: Recipe) -> Any:
+    """The model built on the meta device from its config: module names without loading a weight."""
+    from transformers import AutoModelForImageTextToText
+
+    config = _model_config(recipe)
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
 
@@ -153,7 +162,7 @@ def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
     if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise VlmtaxError(f"model path {source} does not exist", "set model: to a local folder or a hub id")
     kwargs: dict[str, Any] = {}
-    quant = quantization_config(recipe, DTYPES[precision])
+    quant = quantization_config(recipe, DTYPES[precision], family_of(_model_config(recipe))) if recipe.quantization else None
     if quant is not None:
         # bitsandbytes quantises onto the device the weights are loaded to: each rank its own GPU, not all GPU 0.
         kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
@@ -198,10 +207,11 @@ def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
                                    or (part == "projector" and recipe.freeze.projector))
         _report_parts("trainable tensors", trainable_counts(family, model))
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if recipe.quantization:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    # No prepare_model_for_kbit_training: it upcasts every 16-bit tensor left (embeddings, an untied lm_head,
+    # the tower) to fp32, about 2 GB on a 7B. get_peft_model freezes the base; the loop below upcasts only what
+    # trains; the Trainer turns on gradient checkpointing (use_reentrant=False needs no input-grad hook).
     model = get_peft_model(model, lora_config(recipe, model))
     counts = wrapped_counts(family, model)
     _report_parts("LoRA-wrapped linear layers (whole: trained as modules_to_save)", counts)
