@@ -53,9 +53,8 @@ def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = recipe.lora.target
-    if target == "all-linear":
-        target = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules()
-                         if isinstance(m, torch.nn.Linear)})
+    if target == "all-linear":  # full names: leaf names such as a Sequential's "0" also hit `blocks.0`
+        target = [n for n, m in encoder.model.named_modules() if isinstance(m, torch.nn.Linear)]
     config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=target)
     encoder.model = get_peft_model(encoder.model, config)
