@@ -9,6 +9,7 @@ always runs on a plain model: an adapter is folded into a fresh 16/32-bit load o
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,14 @@ def default_device(device: str | None = None) -> torch.device:
             raise VlmtaxError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible",
                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def rank_device(hw: Hardware) -> torch.device:
+    """This process's device in training: the GPU of its LOCAL_RANK under a launcher (accelerate, torchrun set
+    it before the script runs), cuda:0 alone, the CPU without a GPU. A bare "cuda" put every rank on GPU 0."""
+    if not hw.cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False,
