@@ -69,7 +69,14 @@ def decide(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
     """argmax_v p(v|x) / prior(v)^tau; tau = 0 is the plain argmax (first value on ties)."""
     if tau == 0:
         return probs.argmax(axis=-1)
-    return (np.log(np.maximum(probs, _TINY)) - tau * np.log(prior)).argmax(axis=-1)
+    return (np.log(np.maximum(probs, _TINY)) - tau * np.log(prior_floor(prior))).argmax(axis=-1)
+
+
+def prior_floor(prior: np.ndarray) -> np.ndarray:
+    """A declared value never seen in training (prior 0) counts as rare as the rarest seen one: -tau*log(0) is
+    +inf, and that value would win every row for any tau > 0."""
+    seen = prior[prior > 0]
+    return np.maximum(prior, seen.min()) if len(seen) else np.full_like(prior, 1.0 / max(len(prior), 1), float)
 
 
 def score_attr(data: AttrData, pred: np.ndarray, rows: np.ndarray | None = None) -> float:
