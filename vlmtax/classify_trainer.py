@@ -20,7 +20,7 @@ from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_ta
 from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
-from vlmtax.train_loop import StartStep, stop_if_non_finite
+from vlmtax.train_loop import OwnOptimizer, StartStep, stop_if_non_finite
 
 
 def heads_loss_tables(cfg: LossCfg, data: ClassifyData, attribute_weights: dict[str, float]) -> list[CategoryLoss]:
@@ -46,7 +46,7 @@ def heads_loss(outputs: list, targets: torch.Tensor, tables: list[CategoryLoss],
     return total / max(n, 1)
 
 
-class HeadsTrainer(Trainer):
+class HeadsTrainer(OwnOptimizer, Trainer):
     precision: str = "fp32"
 
     def setup(self, recipe: Recipe, data: ClassifyData) -> None:
@@ -121,8 +121,8 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
     collate = Collate(data, processor, features, augment, pixel_cache(recipe) if features is None else None)
     n_train, n_val = len(data.train.images), len(data.val.images)
     trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0), data_collator=collate,
-                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,
-                           optimizers=(heads_optimizer(model, recipe), None))
+                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None)
+    trainer.build_optimizer = lambda prepared: heads_optimizer(prepared, recipe)
     trainer.setup(recipe, data)
     trainer.metric_callback = None
     if recipe.train.eval_metric or recipe.train.best_by:

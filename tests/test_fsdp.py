@@ -1,0 +1,54 @@
+"""What FSDP changes in the Trainer, reached on the CPU: accelerate ignores its FSDP plugin on a CPU-only
+process, so the Trainer's own flag is set as accelerate sets it on GPUs (`state.fsdp_plugin is not None`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RECIPES, TINY_RECIPE, tiny_overrides
+from transformers import Trainer
+
+from vlmtax.recipe import load_recipe
+
+
+@pytest.fixture
+def fsdp_on(monkeypatch):
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_fsdp(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_fsdp)
+
+
+def test_generate_route_builds_its_lora_plus_optimizer_under_fsdp(fsdp_on, tiny_model_dir, prepared_dir, tmp_path):
+    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.train_loop import build_trainer
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
+                                                     "lora.plus_ratio=16", "train.lr=0.001", "train.eval=false"))
+    model, processor = load_model(recipe, "fp32")
+    trainer = build_trainer(recipe, prepare_model(model, recipe, "fp32"), processor, "fp32")
+    assert trainer.is_fsdp_enabled and trainer.optimizer is None  # nothing passed in: the Trainer allows it
+    optimizer = trainer.create_optimizer()
+    assert {0.001, 0.016} <= {round(g["lr"], 6) for g in optimizer.param_groups}  # LoRA+: B at 16x A
+
+
+def test_classify_route_builds_its_optimizer_under_fsdp(fsdp_on, tiny_clip_dir, prepared_dir, tmp_path):
+    from vlmtax.classify import build_classifier
+    from vlmtax.classify_data import load_classify_data
+    from vlmtax.classify_trainer import build_heads_trainer
+
+    recipe = load_recipe(RECIPES / "tiny_heads_cpu.yaml", tiny_overrides(
+        tiny_clip_dir, prepared_dir, tmp_path / "run", "heads.mode=full", "train.lr=0.01", "heads.backbone_lr=0.001",
+        "train.eval=false"))
+    data = load_classify_data(prepared_dir)
+    model, processor, _, encoder = build_classifier(recipe, data, "fp32")
+    trainer = build_heads_trainer(recipe, model, data, encoder, processor, "fp32")
+    assert trainer.is_fsdp_enabled and trainer.optimizer is None
+    optimizer = trainer.create_optimizer()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.001]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    assert isinstance(optimizer, torch.optim.AdamW)
