@@ -52,3 +52,39 @@ def test_classify_route_builds_its_optimizer_under_fsdp(fsdp_on, tiny_clip_dir, 
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(
         [p for p in model.parameters() if p.requires_grad])
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+@pytest.fixture
+def lora_trainer(fsdp_on, tiny_model_dir, prepared_dir, tmp_path):
+    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.train_loop import build_trainer
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
+                                                     "train.eval=false"))
+    model, processor = load_model(recipe, "fp32")
+    return recipe, processor, build_trainer(recipe, prepare_model(model, recipe, "fp32"), processor, "fp32")
+
+
+def test_sharded_state_dict_config_still_saves_the_weights(lora_trainer, monkeypatch):
+    """recipes/accelerate/fsdp.yaml keeps SHARDED_STATE_DICT for its checkpoints; the run dir gets whole weights."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from vlmtax.sft import save_run
+
+    recipe, processor, trainer = lora_trainer
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
+    save_run(trainer, recipe, processor, "fp32")
+    out = recipe.output_dir
+    assert (out / "adapter_model.safetensors").is_file() and (out / "vlmtax_meta.json").is_file()
+
+
+def test_a_run_without_weights_is_never_marked_finished(lora_trainer, monkeypatch):
+    from vlmtax.errors import VlmtaxError
+    from vlmtax.sft import save_run
+
+    recipe, processor, trainer = lora_trainer
+    monkeypatch.setattr(trainer, "save_model", lambda output_dir=None: None)  # what a sharded save wrote
+    with pytest.raises(VlmtaxError, match="saved no weights"):
+        save_run(trainer, recipe, processor, "fp32")
+    assert not (recipe.output_dir / "vlmtax_meta.json").exists()

@@ -22,7 +22,7 @@ from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
 from vlmtax.families import lora_target_regex as family_target_regex
 from vlmtax.fileio import check_writable, guard_outputs, write_json
-from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
+from vlmtax.loading import ADAPTER_WEIGHTS, DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
 
@@ -356,11 +356,22 @@ def train_runtime(log_history: list[dict]) -> float | None:
     return next((h["train_runtime"] for h in reversed(log_history) if "train_runtime" in h), None)
 
 
+WEIGHT_FILES = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
+
+
 def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> None:
     out = recipe.output_dir
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        # Trainer.save_model writes weights under FSDP only for FULL_STATE_DICT; SHARDED_STATE_DICT (fine for the
+        # checkpoints, which resume) left the run dir without weights. The final save gathers them whole.
+        plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
+    if not any((out / name).is_file() for name in WEIGHT_FILES):  # vlmtax_meta.json marks a run merge/predict load
+        raise VlmtaxError(f"training finished but saved no weights in {out} ({' or '.join(WEIGHT_FILES)})",
+                          "under FSDP use fsdp_state_dict_type: FULL_STATE_DICT, or resume from the last checkpoint")
     processor.save_pretrained(str(out))
     shutil.copyfile(recipe.data / "taxonomy.json", out / "taxonomy.json")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
