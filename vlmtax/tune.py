@@ -75,12 +75,14 @@ def cost_line(attrs: list[AttrData], n_models: int, s: Settings) -> str:
     import time
 
     full, points = simplex_size(n_models, s.weight_step), len(weight_candidates(n_models, s))
-    fits = 1 + (s.folds if s.folds >= 2 else 0) * (1 + (n_models if n_models > 1 and s.select else 0))
+    folds = s.folds if s.folds >= 2 else 0
+    fits = 1 + folds  # over every weight point; each model alone (select) is one point a fold
+    singles = folds * n_models if n_models > 1 and s.select else 0
     probe = weight_candidates(n_models, s)[:5]
     start = time.perf_counter()
     for a in attrs:
         score_table(a, probe, list(s.taus), np.ones(n_models))
-    seconds = (time.perf_counter() - start) / len(probe) * points * fits
+    seconds = (time.perf_counter() - start) / len(probe) * (points * fits + singles)
     search = (f"{points:,} weight points" if points == full else
               f"random search: {points:,} of the {full:,} grid points (--max-points)")
     return (f"tune: {n_models} model(s), {search} x {len(s.taus)} taus x {len(attrs)} attributes, {fits} fits: "
