@@ -84,7 +84,7 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     from transformers import set_seed
 
     from vlmtax.classify_trainer import build_heads_trainer
-    from vlmtax.loading import rank_device
+    from vlmtax.loading import training_device
     from vlmtax.sft import _output_dir_state, resolve_precision
 
     check_classify_recipe(recipe)
@@ -92,7 +92,7 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     resume_from = _output_dir_state(recipe)
     data = load_classify_data(recipe.data)
     set_seed(recipe.train.seed)
-    model, processor, dim, encoder = build_classifier(recipe, data, precision, rank_device(hw))
+    model, processor, dim, encoder = build_classifier(recipe, data, precision, training_device(hw))
     if recipe.heads.kind == "knn":
         from vlmtax.knn import fit_knn
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -296,7 +297,14 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> No
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
-    if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
+    launched = "VLMTAX_LAUNCHED" in os.environ or "LOCAL_RANK" in os.environ
+    if not launched:
+        from vlmtax.loading import useful_processes
+        from vlmtax.records import load_records
+
+        rows = len(load_records(recipe.data, "train.json")) if num_processes > 1 else 1
+        num_processes = useful_processes(num_processes, math.ceil(rows / recipe.train.batch_size), "batch", "sft")
+    if num_processes > 1 and not launched:
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
         check_logging(recipe)
         check_lora_targets(recipe)
