@@ -88,3 +88,27 @@ def test_a_run_without_weights_is_never_marked_finished(lora_trainer, monkeypatc
     with pytest.raises(VlmtaxError, match="saved no weights"):
         save_run(trainer, recipe, processor, "fp32")
     assert not (recipe.output_dir / "vlmtax_meta.json").exists()
+
+
+def test_vision_cache_prepass_runs_on_the_ranks_device(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    """Under DeepSpeed or FSDP the Trainer leaves the model where it was loaded (the CPU); the pre-pass must still
+    encode on the rank's device (cuda:1 here, mocked), where its tower visits for the pass."""
+    import contextlib
+    import types
+
+    from vlmtax import vision_cache
+    from vlmtax.records import load_records
+    from vlmtax.sft import load_model, prepare_model
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
+                                                     "freeze.vision=true", "freeze.projector=true"))
+    model, processor = load_model(recipe, "fp32")
+    model = prepare_model(model, recipe, "fp32")
+    rank1 = torch.device("cuda", 1)
+    acc = types.SimpleNamespace(device=rank1, process_index=1, num_processes=2, mixed_precision="bf16",
+                                autocast=contextlib.nullcontext, wait_for_everyone=lambda: None)
+    seen = []
+    monkeypatch.setattr(vision_cache.VisionCache, "fill", lambda self, *args: seen.append(args[-1]))
+    trainer = types.SimpleNamespace(model=model, accelerator=acc)
+    assert vision_cache.setup(trainer, recipe, processor, load_records(prepared_dir, "train.json")[:4]) is not None
+    assert seen == [rank1] and next(model.parameters()).device.type == "cpu"
