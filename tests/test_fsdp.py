@@ -112,3 +112,31 @@ def test_vision_cache_prepass_runs_on_the_ranks_device(tiny_model_dir, prepared_
     trainer = types.SimpleNamespace(model=model, accelerator=acc)
     assert vision_cache.setup(trainer, recipe, processor, load_records(prepared_dir, "train.json")[:4]) is not None
     assert seen == [rank1] and next(model.parameters()).device.type == "cpu"
+
+
+def test_fill_takes_the_tower_to_the_device_and_back(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    """The pre-pass on a device the model is not on: the tower moves there, the pixels follow, and the tower goes
+    home afterwards, error or not ("meta" stands in for a GPU on a CPU-only machine)."""
+    import contextlib
+
+    from vlmtax import vision_cache
+    from vlmtax.loading import load_processor, load_weights
+
+    model = load_weights(tiny_model_dir, torch.float32)
+    tower = vision_cache.vision_tower(model)
+    moves, seen = [], []
+
+    class Encoded(Exception):
+        pass
+
+    def encode(pixels, grid):
+        seen.append(pixels.device)
+        raise Encoded
+
+    monkeypatch.setattr(tower, "to", lambda device: moves.append(torch.device(device)) or tower)
+    monkeypatch.setattr(model, "get_image_features", encode)
+    image = str(next((synth_dir / "test_images").glob("*.jpg")))
+    cache = vision_cache.VisionCache(tmp_path, "key")
+    with pytest.raises(Encoded):
+        cache.fill(model, load_processor(tiny_model_dir), [image], 1, contextlib.nullcontext, torch.device("meta"))
+    assert moves == [torch.device("meta"), torch.device("cpu")] and seen == [torch.device("meta")]
