@@ -72,7 +72,7 @@ def test_ranks_and_resume_encode_each_image_once(cached_trainer, tmp_path):
     todo = [cache.missing(images) for cache in ranks]  # every rank lists before any rank writes
     assert todo[0] == todo[1] and len(todo[0]) == len(set(images))
     for rank, cache in enumerate(ranks):
-        cache.fill(trainer.model, processor, todo[rank][rank::2], 4, contextlib.nullcontext)
+        cache.fill(trainer.model, processor, todo[rank][rank::2], 4, contextlib.nullcontext, torch.device("cpu"))
     assert [c.computed for c in ranks] == [len(todo[0][0::2]), len(todo[0][1::2])]
     resumed = vision_cache.VisionCache(tmp_path, key)
     assert resumed.missing(images) == []  # a resumed run encodes nothing

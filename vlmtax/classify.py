@@ -53,9 +53,8 @@ def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = recipe.lora.target
-    if target == "all-linear":
-        target = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules()
-                         if isinstance(m, torch.nn.Linear)})
+    if target == "all-linear":  # full names: leaf names such as a Sequential's "0" also hit `blocks.0`
+        target = [n for n, m in encoder.model.named_modules() if isinstance(m, torch.nn.Linear)]
     config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=target)
     encoder.model = get_peft_model(encoder.model, config)
@@ -85,6 +84,7 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     from transformers import set_seed
 
     from vlmtax.classify_trainer import build_heads_trainer
+    from vlmtax.loading import training_device
     from vlmtax.sft import _output_dir_state, resolve_precision
 
     check_classify_recipe(recipe)
@@ -92,8 +92,7 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     resume_from = _output_dir_state(recipe)
     data = load_classify_data(recipe.data)
     set_seed(recipe.train.seed)
-    device = torch.device("cuda") if hw.cuda else torch.device("cpu")
-    model, processor, dim, encoder = build_classifier(recipe, data, precision, device)
+    model, processor, dim, encoder = build_classifier(recipe, data, precision, training_device(hw))
     if recipe.heads.kind == "knn":
         from vlmtax.knn import fit_knn
 

@@ -22,7 +22,7 @@ from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
 from vlmtax.train_console import quiet_args
-from vlmtax.train_loop import StartStep, planned_max_steps, stop_if_non_finite
+from vlmtax.train_loop import OwnOptimizer, StartStep, planned_max_steps, stop_if_non_finite
 
 
 def heads_loss_tables(cfg: LossCfg, data: ClassifyData, attribute_weights: dict[str, float]) -> list[CategoryLoss]:
@@ -48,7 +48,7 @@ def heads_loss(outputs: list, targets: torch.Tensor, tables: list[CategoryLoss],
     return total / max(n, 1)
 
 
-class HeadsTrainer(Trainer):
+class HeadsTrainer(OwnOptimizer, Trainer):
     precision: str = "fp32"
 
     def setup(self, recipe: Recipe, data: ClassifyData) -> None:
@@ -124,8 +124,8 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
     collate = Collate(data, processor, features, augment, pixel_cache(recipe) if features is None else None)
     n_train, n_val = len(data.train.images), len(data.val.images)
     trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0, n_train), data_collator=collate,
-                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,
-                           optimizers=(heads_optimizer(model, recipe), None))
+                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None)
+    trainer.build_optimizer = lambda prepared: heads_optimizer(prepared, recipe)
     trainer.setup(recipe, data)
     trainer.metric_callback = None
     if recipe.train.eval_metric or recipe.train.best_by:

@@ -253,6 +253,8 @@ def tune(
     min_share: Annotated[float, typer.Option(help="Keep tau > 0 only if it wins this share of resamples.")] = 0.9,
     select: Annotated[bool, typer.Option(help="Use the best single model when the tuned ensemble does not beat it "
                                          "by k-fold estimate (--no-select: always the ensemble).")] = True,
+    max_points: Annotated[int, typer.Option(help="Most ensemble weight points a fit tries; a larger simplex grid "
+                                            "is searched by a seeded random sample of this many.")] = 2000,
     seed: int = 0,
 ) -> None:
     """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
@@ -265,7 +267,7 @@ def tune(
         raise VlmtaxError(f"--taus {taus!r} is not a comma-separated list of numbers", "e.g. --taus 0,0.5,1") from None
     run(probs, truth=truth, out=out, taxonomy=taxonomy, settings=Settings(
         weights_by=weights_by, weight_step=weight_step, taus=tau_list, temperature=temperature, folds=folds,
-        bootstrap=bootstrap, min_share=min_share, seed=seed, select=select))
+        bootstrap=bootstrap, min_share=min_share, seed=seed, select=select, max_points=max_points))
 
 
 @app.command()

@@ -226,8 +226,6 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise VlmtaxError(f"--batch-size {batch_size} is not positive", "use 1 or more")
-    if num_processes < 1:
-        raise VlmtaxError(f"--num-processes {num_processes} is not positive", "use 1 or more")
     if probs is not None and mode != "constrained":
         raise VlmtaxError("--probs needs --mode constrained", "drop --probs or use constrained decoding")
     if probs is not None and Path(probs).resolve() == out.resolve():
@@ -239,6 +237,11 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
             "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern, "dtype": dtype,
             "device": device}
     launched, saved = None, set()
+    if launched_share() is None:
+        from vlmtax.loading import useful_processes
+
+        rows = len(read_csv(csv, "test CSV", ["id", "Category"])) if num_processes > 1 else 1
+        num_processes = useful_processes(num_processes, math.ceil(rows / batch_size), "batch", "predict", device)
     if num_processes > 1 and launched_share() is None:
         other_partials(out, num_processes)
         saved = saved_rows(out, num_processes)

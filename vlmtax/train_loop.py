@@ -25,7 +25,21 @@ from vlmtax.train_console import quiet_args
 from vlmtax.trainer_extra import extra_args, report_to
 
 
-class GuardedTrainer(SFTTrainer):
+class OwnOptimizer:
+    """A Trainer mixin that builds vlmtax's optimizer (LoRA+, the heads' two learning rates) inside
+    `create_optimizer`, the place the Trainer allows under FSDP: a passed-in optimizer is refused there
+    ("Passing `optimizers` is not allowed if PyTorch FSDP is enabled"), since it must see the sharded parameters
+    of the model that accelerate prepared, which is the `model` handed in here."""
+
+    build_optimizer: Any = None  # model -> torch.optim.Optimizer, or None for the Trainer's own AdamW
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.build_optimizer is not None:
+            self.optimizer = self.build_optimizer(self.model if model is None else model)
+        return super().create_optimizer(model)
+
+
+class GuardedTrainer(OwnOptimizer, SFTTrainer):
     """SFTTrainer whose loss projects only the answer positions onto the vocabulary, and that stops at
     the first non-finite loss with its likely cause instead of training on NaNs."""
 
@@ -162,15 +176,16 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool, n_train: int |
     )
 
 
-def loraplus_optimizer(model: Any, recipe: Recipe) -> torch.optim.Optimizer | None:
-    """LoRA+: the B matrices learn `plus_ratio` times faster than the A matrices (PEFT's implementation)."""
+def loraplus_optimizer(recipe: Recipe) -> Any:
+    """LoRA+: the B matrices learn `plus_ratio` times faster than the A matrices (PEFT's implementation), as a
+    model -> optimizer builder for `OwnOptimizer`; None without LoRA+."""
     if recipe.finetuning != "lora" or not recipe.lora.plus_ratio:
         return None
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=recipe.train.lr,
-                                     loraplus_lr_ratio=recipe.lora.plus_ratio,
-                                     weight_decay=recipe.train.weight_decay)
+    return lambda model: create_loraplus_optimizer(model, torch.optim.AdamW, lr=recipe.train.lr,
+                                                   loraplus_lr_ratio=recipe.lora.plus_ratio,
+                                                   weight_decay=recipe.train.weight_decay)
 
 
 def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) -> GuardedTrainer:
@@ -200,13 +215,12 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
                           "check the values in train.extra") from None
     if recipe.train.packing:
         packing.check_family(model)
-    optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
         model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length,
                                                       packing=recipe.train.packing, pixel_cache=pixel_cache(recipe)),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
-        optimizers=(optimizer, None),
     )
+    trainer.build_optimizer = loraplus_optimizer(recipe)
     trainer.precision = precision
     trainer.data_collator.vision_cache = vision_cache.setup(trainer, recipe, processor, records)
     if "flash" in str(getattr(model.config, "_attn_implementation", "")):
