@@ -89,7 +89,7 @@ def _forward(decoder: Any, cache: Any, keymask: torch.Tensor, seqs: list[list[in
 
 
 def _state_bytes(cache: Any, rows: int) -> int:
-    """Bytes of cache per row (every tensor the layers hold, whatever their kind)."""
+    """Bytes of cache per row (every tensor its layers hold: attention KV, convolution and recurrent states)."""
     total = 0
     for layer in cache.layers:
         for value in vars(layer).values():
@@ -98,52 +98,51 @@ def _state_bytes(cache: Any, rows: int) -> int:
     return total // max(rows, 1)
 
 
-def _select(cache: Any, index: torch.Tensor) -> Any:
-    """A new cache holding rows `index` of `cache` (which is left as it is)."""
-    picked = copy.copy(cache)
-    picked.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in picked.layers:
-        for name, value in vars(layer).items():
-            if isinstance(value, dict):  # linear layers keep their states in dicts: copy them before reordering
-                setattr(layer, name, dict(value))
-    picked.reorder_cache(index)
-    return picked
+def _groups(cache: Any, rows: list[_Row]) -> list[tuple[int, int]]:
+    """Consecutive input rows whose candidates' state copies fit in BRANCH_STATE_BYTES (one row at least)."""
+    per_row, groups, start, used = _state_bytes(cache, len(rows)), [], 0, 0
+    for a, row in enumerate(rows):
+        size = per_row * len(row.slots[row.step].values)
+        if a > start and used + size > BRANCH_STATE_BYTES:
+            groups.append((start, a))
+            start, used = a, 0
+        used += size
+    return groups + [(start, len(rows))]
 
 
-def _branch(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row], first: int, last: int):
-    """Rows first..last-1 of `rows`, every value of each one's slot in its own row. Returns each input row's scores
-    (values,), the candidate rows' cache and usable-entry mask, their lengths, and the width of the forward."""
-    seqs, starts, owner, pos, target, index = [], [], [], [], [], []
-    for a in range(first, last):
-        row = rows[a]
+def _branch(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row], first: int) -> tuple[
+        list[torch.Tensor], Any, torch.Tensor, list[int]]:
+    """Every value of each row's slot in its own row, on a copy of the row's state (`rows` are the cache's rows
+    `first`, `first + 1`, ...; `cache` is left as it is).
+    Returns each input row's (values,) scores, the candidate rows' cache and usable-entry mask, and how many
+    tokens of the fixed text after its value each candidate row fed (-1: its row ended in padding)."""
+    seqs, starts, index, scored, target = [], [], [], [], []
+    for a, row in enumerate(rows):
         slot = row.slots[row.step]
         for value in slot.value_ids:
-            seq = row.pending + list(value)
             n = len(row.pending)
-            pos.append(list(range(n - 1, len(seq))))  # position j scores the token after it: the value, the closer
-            target.append([*value, slot.next_ids[0]])
-            owner.append(len(seqs))
-            seqs.append(seq)
+            scored.append(range(n - 1, n + len(value)))  # position j scores the token after it: value, closer
+            target += [*value, slot.next_ids[0]]
+            seqs.append(row.pending + list(value))
             starts.append(row.pos)
-            index.append(a)
-    width = max(map(len, seqs))
-    for k, seq in enumerate(seqs):  # fill with the fixed text after the value, keeping its last token pending
-        row = rows[index[k]]
-        seq += row.slots[row.step].next_ids[: max(0, min(width - len(seq), len(row.slots[row.step].next_ids) - 1))]
+            index.append(first + a)
+    width, fed = max(map(len, seqs)), []
+    for seq, a in zip(seqs, index):  # fill with the fixed text after the value, keeping its last token pending
+        next_ids = rows[a - first].slots[rows[a - first].step].next_ids
+        m = max(0, min(width - len(seq), len(next_ids) - 1))
+        seq += next_ids[:m]
+        fed.append(m if len(seq) == width else -1)
     index_t = torch.tensor(index, device=keymask.device)
-    branch = _select(cache, index_t)
+    branch = copy.deepcopy(cache)
+    branch.reorder_cache(index_t)
     hidden, branch, branch_mask = _forward(decoder, branch, keymask[index_t], seqs, starts)
-    row_idx = torch.tensor([k for k, p in enumerate(pos) for _ in p], device=hidden.device)
-    pos_idx = torch.tensor([j for p in pos for j in p], device=hidden.device)
-    tgt = torch.tensor([t for ts in target for t in ts], device=hidden.device)
-    logp = decoder._chunked_logprobs(hidden[row_idx, pos_idx], tgt[:, None])[:, 0]
-    per_candidate = torch.zeros(len(seqs), device=hidden.device).index_add_(0, row_idx, logp).cpu()
-    scores, k = [], 0
-    for a in range(first, last):
-        n = len(rows[a].slots[rows[a].step].values)
-        scores.append(per_candidate[k: k + n])
-        k += n
-    return scores, branch, branch_mask, [len(s) for s in seqs], width, seqs
+    device = hidden.device
+    row_idx = torch.tensor([k for k, r in enumerate(scored) for _ in r], device=device)
+    pos_idx = torch.tensor([j for r in scored for j in r], device=device)
+    logp = decoder._chunked_logprobs(hidden[row_idx, pos_idx], torch.tensor(target, device=device)[:, None])[:, 0]
+    per_candidate = torch.zeros(len(seqs), device=device).index_add_(0, row_idx, logp).cpu()
+    counts = [len(row.slots[row.step].values) for row in rows]
+    return list(per_candidate.split(counts)), branch, branch_mask, fed
 
 
 def _advance(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row]) -> tuple[Any, torch.Tensor]:
@@ -180,51 +179,39 @@ def decode_rowwise(decoder: Any, images: list[Any], categories: list[Category]) 
 
 def _attribute(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row]) -> tuple[Any, torch.Tensor, list]:
     """Branch every row on its current slot, record the choice, and bring the state of the rows that go on past it."""
-    per_row = _state_bytes(cache, len(rows))
-    groups, start, used = [], 0, 0
-    for a, row in enumerate(rows):  # split the branch so that its state copies stay within the budget
-        size = per_row * len(row.slots[row.step].values)
-        if a > start and used + size > BRANCH_STATE_BYTES:
-            groups.append((start, a))
-            start, used = a, 0
-        used += size
-    groups.append((start, len(rows)))
-    chosen, full, base = [], True, []
+    groups, picked, carried = _groups(cache, rows), [], None
     for first, last in groups:
-        scores, branch, branch_mask, lengths, width, seqs = _branch(decoder, cache, keymask, rows, first, last)
-        k0 = 0
-        for a, s in zip(range(first, last), scores):
-            row, slot = rows[a], rows[a].slots[rows[a].step]
+        scores, branch, branch_mask, fed = _branch(decoder, cache, keymask, rows[first:last], first)
+        offset = 0
+        for row, s in zip(rows[first:last], scores):
+            slot = row.slots[row.step]
             decoder.check_finite(s, slot)
             k = int(s.argmax())
             row.result.values[slot.attribute] = slot.values[k]
             row.result.logliks[slot.attribute] = s.tolist()
-            goes_on = row.step + 1 < len(row.slots)
-            full &= not goes_on or lengths[k0 + k] == width
-            chosen.append((a, k0 + k, seqs[k0 + k]))
-            k0 += len(scores[a - first]) if False else len(s)
-        base.append((branch, branch_mask))
-    keep = [(a, k, seq) for a, k, seq in chosen if rows[a].step + 1 < len(rows[a].slots)]
-    if full and len(groups) == 1 and keep:  # every chosen row carries its input row's next state
-        branch, branch_mask = base[0]
-        index = torch.tensor([k for _, k, _ in keep], device=keymask.device)
-        cache, keymask = _select(branch, index), branch_mask[index]
-        for a, _, seq in keep:
-            row, slot = rows[a], rows[a].slots[rows[a].step]
-            fed = len(seq) - len(row.pending) - len(slot.value_ids[slot.values.index(row.result.values[slot.attribute])])
-            row.pending, row.pos = list(slot.next_ids[fed:]), row.pos + len(seq)
-            row.step += 1
-        return cache, keymask, [rows[a] for a, _, _ in keep]
+            picked.append((offset + k, k, fed[offset + k]))
+            offset += len(s)
+        carried = (branch, branch_mask) if len(groups) == 1 else None
+    keep = [a for a, row in enumerate(rows) if row.step + 1 < len(row.slots)]
     if not keep:
         return cache, keymask, []
-    index = torch.tensor([a for a, _, _ in keep], device=keymask.device)
-    if len(keep) < len(rows):
-        cache, keymask = _select(cache, index), keymask[index]
-    out = []
-    for a, _, _ in keep:
+    if carried and all(picked[a][2] >= 0 for a in keep):  # every chosen row carries its input row's next state
+        index = torch.tensor([picked[a][0] for a in keep], device=keymask.device)
+        cache, keymask = carried[0], carried[1][index]
+        cache.reorder_cache(index)
+        for a in keep:
+            row, (_, k, m) = rows[a], picked[a]
+            slot = row.slots[row.step]
+            row.pos += len(row.pending) + len(slot.value_ids[k]) + m
+            row.pending, row.step = list(slot.next_ids[m:]), row.step + 1
+        return cache, keymask, [rows[a] for a in keep]
+    if len(keep) < len(rows):  # rows whose category has no attribute left leave the batch
+        index = torch.tensor(keep, device=keymask.device)
+        cache.reorder_cache(index)
+        keymask = keymask[index]
+    for a in keep:
         row, slot = rows[a], rows[a].slots[rows[a].step]
-        row.pending += list(slot.value_ids[slot.values.index(row.result.values[slot.attribute])]) + list(slot.next_ids)
+        row.pending += list(slot.value_ids[picked[a][1]]) + list(slot.next_ids)
         row.step += 1
-        out.append(row)
-    cache, keymask = _advance(decoder, cache, keymask, out)
-    return cache, keymask, out
+    out = [rows[a] for a in keep]
+    return (*_advance(decoder, cache, keymask, out), out)
