@@ -73,14 +73,14 @@ def _forward(decoder: Any, cache: Any, keymask: torch.Tensor, seqs: list[list[in
     ids = torch.tensor([s + [decoder.pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
     real = torch.tensor([[j < len(s) for j in range(width)] for s in seqs], dtype=torch.bool, device=device)
     pos = decoder.family.positions(torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))
-    kwargs: dict[str, Any] = {}
+    # transformers' reference delta rule pads every sequence to whole chunks (64 tokens by default): a branch or
+    # an advance a few tokens wide would cost a 64-token prefill per row. FLA's kernels drop the argument.
+    kwargs: dict[str, Any] = {"chunk_size": max(1, min(width, 64))}
     if prompt is not None:
         ids = torch.cat([prompt["input_ids"], ids], dim=1)
         real = torch.cat([prompt["attention_mask"].bool(), real], dim=1)
         pos = torch.cat([prompt["position_ids"], pos], dim=-1)
         kwargs = {k: prompt[k] for k in ("pixel_values", "image_grid_thw") if k in prompt}
-    else:
-        kwargs = {"chunk_size": max(1, min(width, 64))}
     mask = _masks(decoder, keymask, real, prompt is not None)
     decoder.forward_calls += 1
     out = decoder.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
@@ -145,12 +145,15 @@ def _branch(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row], f
     return list(per_candidate.split(counts)), branch, branch_mask, fed
 
 
-def _advance(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row]) -> tuple[Any, torch.Tensor]:
-    """Feed the same number of pending tokens of every row (all but the last of the shortest): no padding."""
+def _advance(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row],
+             prompt: dict | None = None) -> tuple[Any, torch.Tensor]:
+    """Feed the same number of pending tokens of every row (all but the last of the shortest), after the prompts
+    on the first call: no padding but the prompts' own, at their start."""
     c = min(len(r.pending) for r in rows) - 1
-    if c <= 0:
+    if c <= 0 and prompt is None:
         return cache, keymask
-    _, cache, keymask = _forward(decoder, cache, keymask, [r.pending[:c] for r in rows], [r.pos for r in rows])
+    _, cache, keymask = _forward(decoder, cache, keymask, [r.pending[:c] for r in rows], [r.pos for r in rows],
+                                 prompt)
     for r in rows:
         r.pending, r.pos = r.pending[c:], r.pos + c
     return cache, keymask
@@ -167,11 +170,8 @@ def decode_rowwise(decoder: Any, images: list[Any], categories: list[Category]) 
         plan = decoder.plans(category)
         rows.append(_Row(RowResult(values={}), plan.slots, 0, list(plan.key0), int(start)))
     results = [r.result for r in rows]
-    c = min(len(r.pending) for r in rows) - 1  # the prompt takes the forced text all rows have beyond one token
     empty = torch.zeros((len(rows), 0), dtype=torch.bool, device=decoder.model.device)
-    _, cache, keymask = _forward(decoder, None, empty, [r.pending[:c] for r in rows], [r.pos for r in rows], prompt)
-    for r in rows:
-        r.pending, r.pos = r.pending[c:], r.pos + c
+    cache, keymask = _advance(decoder, None, empty, rows, prompt)
     while rows:
         cache, keymask, rows = _attribute(decoder, cache, keymask, rows)
     return results
@@ -192,6 +192,7 @@ def _attribute(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row]
             picked.append((offset + k, k, fed[offset + k]))
             offset += len(s)
         carried = (branch, branch_mask) if len(groups) == 1 else None
+        del branch, branch_mask  # a split branch frees its copies before the next part makes its own
     keep = [a for a, row in enumerate(rows) if row.step + 1 < len(row.slots)]
     if not keep:
         return cache, keymask, []
