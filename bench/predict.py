@@ -177,7 +177,8 @@ def memory(model, processor, rows, template, batch_size: int) -> float:
     run_gen(), run_con()  # warm-up: one-time allocations are not the decoder's
     gen, con = peak_memory(run_gen), peak_memory(run_con)
     where = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)"
-    print(f"\n{decoder.family.label} peak memory, batch of {len(images)} rows ({', '.join(sorted({c.name for c in cats}))}), "
+    names = ", ".join(sorted({c.name for c in cats}))
+    print(f"\n{decoder.family.label} peak memory, batch of {len(images)} rows ({names}), "
           f"vocabulary {decoder.vocab_size}, {where} above the level before the call:")
     print(f"generate {gen / 2**20:.1f} MiB, constrained {con / 2**20:.1f} MiB: "
           f"constrained / generate {con / max(gen, 1):.2f}x (target <= 2x)")

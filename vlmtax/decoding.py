@@ -228,10 +228,10 @@ class ConstrainedDecoder:
         index = torch.zeros((rows, width, k), dtype=torch.long, device=hidden.device)
         index[:, 0] = first
         index[:, 1:, 0] = target
-        return self._chunked_logprobs(hidden.reshape(rows * width, -1), index.reshape(rows * width, k)).view(
+        return self.chunked_logprobs(hidden.reshape(rows * width, -1), index.reshape(rows * width, k)).view(
             rows, width, k)
 
-    def _chunked_logprobs(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def chunked_logprobs(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(positions, K) log-probabilities of the tokens `index` (positions, K) after each hidden state of `flat`
         (positions, hidden), as logit[target] - logsumexp(logits) over chunks of positions, so the fp32 logits held
         at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""

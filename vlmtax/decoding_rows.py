@@ -139,7 +139,7 @@ def _branch(decoder: Any, cache: Any, keymask: torch.Tensor, rows: list[_Row], f
     device = hidden.device
     row_idx = torch.tensor([k for k, r in enumerate(scored) for _ in r], device=device)
     pos_idx = torch.tensor([j for r in scored for j in r], device=device)
-    logp = decoder._chunked_logprobs(hidden[row_idx, pos_idx], torch.tensor(target, device=device)[:, None])[:, 0]
+    logp = decoder.chunked_logprobs(hidden[row_idx, pos_idx], torch.tensor(target, device=device)[:, None])[:, 0]
     per_candidate = torch.zeros(len(seqs), device=device).index_add_(0, row_idx, logp).cpu()
     counts = [len(row.slots[row.step].values) for row in rows]
     return list(per_candidate.split(counts)), branch, branch_mask, fed
