@@ -22,8 +22,8 @@ first token of each value.
 
 Cost per batch: one forward for the prompts, one per attribute of the longest category, plus one advance for
 each attribute whose chosen values left a row padded; copies of the state for every candidate of every input
-row while a branch lasts (bounded by BRANCH_STATE_BYTES per forward: beyond it the branch is split, and each
-split branch is followed by an advance). The scores are the tree-mask decoder's: value tokens plus the closing
+row while a branch lasts (bounded by BRANCH_STATE_BYTES per forward: beyond it the branch is split into forwards
+of fewer rows, and the attribute is followed by an advance). The scores are the tree-mask decoder's: value tokens plus the closing
 token, softmaxed over the values, equal to teacher forcing within 1e-4 (tests/test_decoding.py).
 """
 
@@ -37,7 +37,8 @@ import torch
 
 from vlmtax.taxonomy import Category
 
-# Cache (recurrent and convolution states, attention KV) copied for the candidates of one branch forward at most.
+# Cache (recurrent and convolution states, attention KV) copied for the candidates of one branch forward at most:
+# 512 MiB, about 22 candidates of Qwen3.5-2B at a 300-token prompt (docs/decoding.md).
 BRANCH_STATE_BYTES = 1 << 29
 
 
@@ -74,7 +75,8 @@ def _forward(decoder: Any, cache: Any, keymask: torch.Tensor, seqs: list[list[in
     real = torch.tensor([[j < len(s) for j in range(width)] for s in seqs], dtype=torch.bool, device=device)
     pos = decoder.family.positions(torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device))
     # transformers' reference delta rule pads every sequence to whole chunks (64 tokens by default): a branch or
-    # an advance a few tokens wide would cost a 64-token prefill per row. FLA's kernels drop the argument.
+    # an advance a few tokens wide would cost a 64-token prefill per row. transformers passes the argument to an
+    # installed kernel (FLA's) only if its signature names it.
     kwargs: dict[str, Any] = {"chunk_size": max(1, min(width, 64))}
     if prompt is not None:
         ids = torch.cat([prompt["input_ids"], ids], dim=1)
