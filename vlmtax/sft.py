@@ -25,6 +25,7 @@ from vlmtax.fileio import check_writable, guard_outputs, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+from vlmtax.runlog import TRAIN_LOG, library_output
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -296,9 +297,18 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
-    """Train either route in this process (one rank of a launched run, or the only process)."""
+    """Train either route in this process (one rank of a launched run, or the only process). The libraries'
+    logs, warnings and bars go to the run dir's train.log (vlmtax.runlog), not to the terminal."""
+    log = recipe.output_dir / TRAIN_LOG
+    fresh = not recipe.output_dir.exists()
     try:
-        return _train(recipe, hw or Hardware.detect())
+        with library_output(log):
+            return _train(recipe, hw or Hardware.detect())
+    except BaseException:
+        # a run refused before it began leaves no run dir behind, not even the log of its refusal
+        if fresh and recipe.output_dir.is_dir() and [p.name for p in recipe.output_dir.iterdir()] == [TRAIN_LOG]:
+            shutil.rmtree(recipe.output_dir)
+        raise
     finally:
         close_process_group()
 
