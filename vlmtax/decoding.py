@@ -222,22 +222,27 @@ class ConstrainedDecoder:
 
     def _target_logprobs(self, hidden: torch.Tensor, first: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(rows, 1 + S, K) log-probabilities: position 0 of the K first tokens, positions 1.. of their one
-        target each (column 0). Computed as logit[target] - logsumexp(logits) over chunks of positions, so the
-        fp32 logits held at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""
+        target each (column 0)."""
         rows, width, _ = hidden.shape
         k = first.shape[1]
         index = torch.zeros((rows, width, k), dtype=torch.long, device=hidden.device)
         index[:, 0] = first
         index[:, 1:, 0] = target
-        flat, index = hidden.reshape(rows * width, -1), index.reshape(rows * width, k)
-        picked = torch.empty((rows * width, k), dtype=torch.float32, device=hidden.device)
+        return self.chunked_logprobs(hidden.reshape(rows * width, -1), index.reshape(rows * width, k)).view(
+            rows, width, k)
+
+    def chunked_logprobs(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(positions, K) log-probabilities of the tokens `index` (positions, K) after each hidden state of `flat`
+        (positions, hidden), as logit[target] - logsumexp(logits) over chunks of positions, so the fp32 logits held
+        at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""
+        picked = torch.empty(index.shape, dtype=torch.float32, device=flat.device)
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab_size)
-        for start in range(0, rows * width, step):
+        for start in range(0, flat.shape[0], step):
             logits = self.head(flat[start: start + step]).float()
             picked[start: start + step] = logits.gather(1, index[start: start + step]) - \
                 torch.logsumexp(logits, dim=-1, keepdim=True)
             del logits
-        return picked.view(rows, width, k)
+        return picked
 
     def _step(self, cache: Any, keymask: torch.Tensor | None, next_pos: torch.Tensor, forced: list[tuple[int, ...]],
               slots: list[Slot], prompt: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any, torch.Tensor,
