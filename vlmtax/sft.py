@@ -283,13 +283,29 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> No
         raise VlmtaxError(f"distributed training exited with code {proc.returncode}", "see the log above")
 
 
+def check_data_dir(recipe: Recipe) -> None:
+    """The prepared data the recipe names is there (both routes read train.json and taxonomy.json)."""
+    data = recipe.data
+    if not data.is_dir():
+        raise VlmtaxError(f"data dir {data} not found", "run `vlmtax prepare` and point `data:` at its --out")
+    for name in ("train.json", "taxonomy.json"):
+        if not (data / name).is_file():
+            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+
+
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
+        # Every check that needs no weights, before spawning: each rank would otherwise print the same error.
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
+        check_data_dir(recipe)
         check_logging(recipe)
         check_lora_targets(recipe)
+        if recipe.task == "classify":
+            from vlmtax.classify import check_classify_recipe
+
+            check_classify_recipe(recipe)
         _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
     return train(recipe)
@@ -297,10 +313,51 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     """Train either route in this process (one rank of a launched run, or the only process)."""
+    out = recipe.output_dir
+    before = {p.name for p in out.iterdir()} if out.is_dir() else None
     try:
         return _train(recipe, hw or Hardware.detect())
+    except (OSError, RuntimeError, VlmtaxError) as exc:
+        failed = _disk_full(exc, out)
+        if failed is None:
+            raise
+        _undo_run_writes(out, before)
+        raise VlmtaxError(f"{failed.problem}; {out} is left as it was before this run", failed.fix) from None
     finally:
         close_process_group()
+
+
+def _disk_full(exc: BaseException, out: Path) -> VlmtaxError | None:
+    """The one-line error for a write that failed for want of space (the run dir is then undone), else None.
+    Writes fail as OSError (open/write), SafetensorError (safetensors: checkpoints, heads) or RuntimeError
+    (torch.save of the optimizer state), or as vlmtax's own one line for its atomic writes."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from vlmtax.fileio import os_error, safetensor_os_error
+
+    full = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, VlmtaxError):
+        return exc if getattr(exc, "errno", None) in full else None
+    if isinstance(exc, SafetensorError):
+        exc = safetensor_os_error(exc)
+    elif isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch's PytorchStreamWriter
+        exc = OSError(errno.ENOSPC, "file write failed (a full disk?)")
+    return os_error(exc, out) if isinstance(exc, OSError) and exc.errno in full else None
+
+
+def _undo_run_writes(out: Path, before: set[str] | None) -> None:
+    """Remove what this run added to its output_dir (all of it, for a new one): a run cut short by a full disk
+    leaves no half-written weights or checkpoint behind. Rank 0 alone removes."""
+    if os.environ.get("RANK", "0") != "0" or not out.is_dir():
+        return
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.name not in before:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def close_process_group() -> None:
@@ -317,10 +374,7 @@ def _train(recipe: Recipe, hw: Hardware) -> Path:
         from vlmtax.classify import train_classify
 
         return train_classify(recipe, hw)
-    data = recipe.data
-    for name in ("train.json", "taxonomy.json"):
-        if not (data / name).is_file():
-            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+    check_data_dir(recipe)
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
     check_logging(recipe)
