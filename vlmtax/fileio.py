@@ -237,3 +237,21 @@ def safetensor_os_error(exc: Exception) -> OSError:
     code = re.search(r"os error (\d+)", str(exc))
     number = int(code.group(1)) if code else None
     return OSError(number, os.strerror(number) if number else first_line(exc))
+
+
+def disk_full(exc: BaseException, path: str | Path) -> VlmtaxError | None:
+    """The one-line error for a write under `path` that failed for want of space, else None. Such writes fail
+    as OSError (open/write), SafetensorError (safetensors: checkpoints, heads), RuntimeError (torch.save, e.g.
+    a Trainer's optimizer state) or as os_error's own line from an atomic write."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    full = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, VlmtaxError):
+        return exc if getattr(exc, "errno", None) in full else None
+    if isinstance(exc, SafetensorError):
+        exc = safetensor_os_error(exc)
+    elif isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch's PytorchStreamWriter
+        exc = OSError(errno.ENOSPC, "file write failed (a full disk?)")
+    return os_error(exc, path) if isinstance(exc, OSError) and exc.errno in full else None

@@ -141,7 +141,8 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
         return ModelDir(path=path, kind="weights", meta=meta, base=None)
     if meta.get("task") == "classify":
         raise VlmtaxError(f"{path} is a classify run (its {META_FILE} says task: classify) but classifier.json, "
-                          "which describes its heads, is missing", "restore classifier.json from the run, or re-run sft")
+                          "which describes its heads, is missing",
+                          "restore classifier.json from the run, or re-run sft")
     raise VlmtaxError(f"{path} holds neither an adapter ({ADAPTER_CONFIG}) nor model weights (config.json)",
                       "pass a finished `vlmtax sft` run dir, a `vlmtax merge` output or a model folder")
 

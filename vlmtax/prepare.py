@@ -128,14 +128,8 @@ def prepare(
         raise all_rejected(rejects, out, images, image_pattern)
     train, val, kept, val_rows = _split(format, rows, taxonomy, records_meta, paths, n_tokens, val_fraction, seed)
     report = build_report(frame, taxonomy, verdicts.reasons, kept, val_rows, filled_counts, missing, n_tokens)
-    untrained = [c.name for c in taxonomy.categories.values() if not c.trained()]
     report.update(train_records=len(train), val_records=len(val), rejected=len(rejects),
-                  untrained_categories=untrained)
-    if untrained:
-        print(f"warning: {len(untrained)} categor{'y' if len(untrained) == 1 else 'ies'} of the attribute file "
-              f"{'has' if len(untrained) == 1 else 'have'} no labelled training row ({', '.join(untrained[:5])}"
-              f"{', ...' if len(untrained) > 5 else ''}): a model cannot learn them, and predict rejects their "
-              "test rows as untrained_category", file=sys.stderr, flush=True)
+                  untrained_categories=_untrained(taxonomy))
     meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
             "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
             "image_pattern": image_pattern, "verify_images": verify_images,
@@ -143,6 +137,18 @@ def prepare(
             "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
     write_dataset(out, format, train, val, report, taxonomy, frame.iloc[val_rows], rejects, meta)
     return report
+
+
+def _untrained(taxonomy: Taxonomy) -> list[str]:
+    """Categories no training row labels: said in one warning line (predict rejects their test rows)."""
+    untrained = [c.name for c in taxonomy.categories.values() if not c.trained()]
+    if untrained:
+        one = len(untrained) == 1
+        print(f"warning: {len(untrained)} categor{'y' if one else 'ies'} of the attribute file "
+              f"{'has' if one else 'have'} no labelled training row ({', '.join(untrained[:5])}"
+              f"{', ...' if len(untrained) > 5 else ''}): a model cannot learn them, and predict rejects their "
+              "test rows as untrained_category", file=sys.stderr, flush=True)
+    return untrained
 
 
 def _check_options(format: str, missing: str, verify_images: str, val_fraction: float, images: Path) -> None:

@@ -21,10 +21,11 @@ import torch
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
 from vlmtax.families import lora_target_regex as family_target_regex
-from vlmtax.fileio import check_writable, guard_outputs, write_json
+from vlmtax.fileio import check_writable, disk_full, guard_outputs, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+from vlmtax.trainer_extra import check_loggers_installed
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -87,6 +88,8 @@ def check_logging(recipe: Recipe) -> None:
     if recipe.log.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise VlmtaxError("log.tensorboard=true but tensorboard is not installed",
                           "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
+    if recipe.train.extra.get("report_to"):
+        check_loggers_installed(recipe)
 
 
 def _skeleton(recipe: Recipe) -> Any:
@@ -318,7 +321,7 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     try:
         return _train(recipe, hw or Hardware.detect())
     except (OSError, RuntimeError, VlmtaxError) as exc:
-        failed = _disk_full(exc, out)
+        failed = disk_full(exc, out)
         if failed is None:
             raise
         _undo_run_writes(out, before)
@@ -327,37 +330,13 @@ def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
         close_process_group()
 
 
-def _disk_full(exc: BaseException, out: Path) -> VlmtaxError | None:
-    """The one-line error for a write that failed for want of space (the run dir is then undone), else None.
-    Writes fail as OSError (open/write), SafetensorError (safetensors: checkpoints, heads) or RuntimeError
-    (torch.save of the optimizer state), or as vlmtax's own one line for its atomic writes."""
-    import errno
-
-    from safetensors import SafetensorError
-
-    from vlmtax.fileio import os_error, safetensor_os_error
-
-    full = (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(exc, VlmtaxError):
-        return exc if getattr(exc, "errno", None) in full else None
-    if isinstance(exc, SafetensorError):
-        exc = safetensor_os_error(exc)
-    elif isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch's PytorchStreamWriter
-        exc = OSError(errno.ENOSPC, "file write failed (a full disk?)")
-    return os_error(exc, out) if isinstance(exc, OSError) and exc.errno in full else None
-
-
 def _undo_run_writes(out: Path, before: set[str] | None) -> None:
     """Remove what this run added to its output_dir (all of it, for a new one): a run cut short by a full disk
     leaves no half-written weights or checkpoint behind. Rank 0 alone removes."""
     if os.environ.get("RANK", "0") != "0" or not out.is_dir():
         return
-    if before is None:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for path in out.iterdir():
-        if path.name not in before:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in [out] if before is None else [p for p in out.iterdir() if p.name not in before]:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def close_process_group() -> None:

@@ -90,13 +90,15 @@ def _check_types(extra: dict[str, Any], source: str) -> None:
     a true flag). Lax coercions (`"false"` -> False, `"8"` -> 8) replace the value, so the trainer gets them."""
     import typing
 
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
     from trl import SFTConfig
 
     hints = typing.get_type_hints(SFTConfig)
     for key, value in extra.items():
         try:
             checked = TypeAdapter(hints[key]).validate_python(value)
+        except PydanticSchemaGenerationError:  # a type pydantic cannot check: left to SFTConfig
+            continue
         except ValidationError as exc:
             expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
             raise VlmtaxError(f"{source}: train.extra.{key}={value!r} is not a valid {expected} "
@@ -106,22 +108,24 @@ def _check_types(extra: dict[str, Any], source: str) -> None:
 
 
 def _check_report_to(value: Any, source: str) -> None:
-    """Each logger named must be one the Trainer knows and installed here (else a RuntimeError at its start)."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    """Each logger named must be one the Trainer knows (whether it is installed is checked before training:
+    `check_loggers_installed`)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    names = [value] if isinstance(value, str) else list(value or [])
-    available = get_available_reporting_integrations()
-    for name in names:
-        if name in ("none", "all"):
-            continue
-        if name not in INTEGRATION_TO_CALLBACK:
+    for name in [value] if isinstance(value, str) else list(value or []):
+        if name not in ("none", "all") and name not in INTEGRATION_TO_CALLBACK:
             raise VlmtaxError(f"{source}: train.extra.report_to names {name!r}, which the Trainer does not know",
                               f"use one of: {', '.join(INTEGRATION_TO_CALLBACK)}")
-        if name not in available:
-            raise VlmtaxError(f"{source}: train.extra.report_to names {name!r}, which is not installed",
+
+
+def check_loggers_installed(recipe: Recipe) -> None:
+    """Before training: a logger report_to names but this machine lacks stops the Trainer with a RuntimeError."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    available, names = get_available_reporting_integrations(), report_to(recipe)
+    for name in [] if isinstance(names, str) else names:
+        if name not in ("none", "all", "tensorboard") and name not in available:  # tensorboard: check_logging's
+            raise VlmtaxError(f"train.extra.report_to names {name!r}, which is not installed",
                               f"install the {name} package, or remove it from train.extra.report_to")
 
 
