@@ -121,7 +121,7 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
         # pandas takes one extra, empty field on the FIRST data row for a trailing delimiter and drops it
         # without a warning ("red, cotton" then shifts that row), so the first row is counted here.
-        where = _first_long_row(path, first_only=True) if not caught else None
+        where = _first_long_row(path, first_only=True)
         if where is not None or any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
             raise VlmtaxError(f"{what} {path} has row(s) with more fields than its header "
                               f"({where or _first_long_row(path)})",
