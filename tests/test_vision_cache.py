@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,7 +85,8 @@ def test_over_the_size_bound_trains_without_it_after_one_warning(cached_trainer)
     small = recipe.model_copy(update={"train": recipe.train.model_copy(update={"cache_vision_max_gb": 1e-9})})
     with pytest.warns(UserWarning, match="train.cache_vision_max_gb") as caught:
         assert vision_cache.setup(trainer, small, processor, trainer.data_collator.records) is None
-    assert len(caught) == 1
+    own = [w for w in caught if Path(w.filename).resolve().is_relative_to(Path(vision_cache.__file__).parent)]
+    assert len(own) == 1  # vlmtax's own warnings: a library's are its own business (and the suite's filters)
 
 
 def test_cache_needs_a_frozen_tower(tiny_model_dir, prepared_dir, tmp_path):

@@ -262,7 +262,7 @@ class ConstrainedDecoder:
         device = next_pos.device
         as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         ids, group, pos = as_t(ids), as_t(group), self.family.positions(as_t(pos))
-        kwargs: dict[str, Any] = {"past_key_values": cache}
+        kwargs: dict[str, Any] = {"cache": cache}
         if prompt is not None:  # the prompt joins the first step: it is forced text with the prompt's positions
             width = prompt["input_ids"].shape[1]
             ids = torch.cat([prompt["input_ids"], ids], dim=1)
@@ -282,7 +282,7 @@ class ConstrainedDecoder:
         scores = first_lp + sums[:, :k_max]
         self.check_finite(scores[valid_t], slots[0])
         scores = scores.masked_fill(~valid_t, float("-inf")).cpu()
-        cache = out.past_key_values
+        cache = out.cache
         cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text
         keymask = torch.cat([keymask, group[:, :c_max] == 0], dim=1)
         return scores, cache, keymask, next_pos + torch.tensor(list(map(len, forced)), device=device)

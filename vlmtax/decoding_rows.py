@@ -43,8 +43,8 @@ def _advance(decoder: Any, cache: Any, ids: list[int], start: int, prompt: dict 
         pos = torch.cat([prompt["position_ids"], pos], dim=-1)
         kwargs = {k: prompt[k] for k in ("pixel_values", "image_grid_thw") if k in prompt}
     decoder.forward_calls += 1
-    out = decoder.model.model(input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True, **kwargs)
-    return out.last_hidden_state[:, -1:], out.past_key_values
+    out = decoder.model.model(input_ids=input_ids, position_ids=pos, cache=cache, use_cache=True, **kwargs)
+    return out.last_hidden_state[:, -1:], out.cache
 
 
 def _branch_scores(decoder: Any, cache: Any, hidden: torch.Tensor, slot: Any, start: int) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _branch_scores(decoder: Any, cache: Any, hidden: torch.Tensor, slot: Any, st
     branch.reorder_cache(torch.zeros(n, dtype=torch.long, device=device))
     decoder.forward_calls += 1
     out = decoder.model.model(input_ids=ids, position_ids=_positions(decoder, start, width, n),
-                              past_key_values=branch, use_cache=True)
+                              cache=branch, use_cache=True)
     del branch
     # Position j of a value predicts its token j + 1 (or the closer after its last token).
     per_token = decoder._target_logprobs(out.last_hidden_state, target[:, :1], target[:, 1:])[:, :, 0]

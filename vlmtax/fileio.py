@@ -255,3 +255,11 @@ def disk_full(exc: BaseException, path: str | Path) -> VlmtaxError | None:
     elif isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch's PytorchStreamWriter
         exc = OSError(errno.ENOSPC, "file write failed (a full disk?)")
     return os_error(exc, path) if isinstance(exc, OSError) and exc.errno in full else None
+
+
+def remove_new_entries(folder: Path, before: set[str] | None) -> None:
+    """Remove what was added to `folder` since its entries were `before` (all of it, when it did not exist)."""
+    if not folder.is_dir():
+        return
+    for path in [folder] if before is None else [p for p in folder.iterdir() if p.name not in before]:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -40,6 +40,9 @@ class ImageCfg(_Strict):
 class Train(_Strict):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    # A floor in optimiser steps: on a catalogue too small for `epochs` to reach it, training runs this many
+    # steps instead (more epochs). A budget in epochs of one catalogue learns nothing on a smaller one.
+    min_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(1.0e-4, gt=0)

@@ -21,10 +21,12 @@ import torch
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
 from vlmtax.families import lora_target_regex as family_target_regex
-from vlmtax.fileio import check_writable, disk_full, guard_outputs, write_json
+from vlmtax.fileio import check_writable, disk_full, guard_outputs, remove_new_entries, write_json
 from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+from vlmtax.records import check_data_dir
+from vlmtax.runlog import TRAIN_LOG, library_output
 from vlmtax.trainer_extra import check_loggers_installed
 
 
@@ -286,23 +288,13 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> No
         raise VlmtaxError(f"distributed training exited with code {proc.returncode}", "see the log above")
 
 
-def check_data_dir(recipe: Recipe) -> None:
-    """The prepared data the recipe names is there (both routes read train.json and taxonomy.json)."""
-    data = recipe.data
-    if not data.is_dir():
-        raise VlmtaxError(f"data dir {data} not found", "run `vlmtax prepare` and point `data:` at its --out")
-    for name in ("train.json", "taxonomy.json"):
-        if not (data / name).is_file():
-            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
-
-
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
     if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
         # Every check that needs no weights, before spawning: each rank would otherwise print the same error.
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
-        check_data_dir(recipe)
+        check_data_dir(recipe.data)
         check_logging(recipe)
         check_lora_targets(recipe)
         if recipe.task == "classify":
@@ -315,28 +307,25 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
-    """Train either route in this process (one rank of a launched run, or the only process)."""
+    """Train either route in this process (one rank of a launched run, or the only process). The libraries'
+    logs, warnings and bars go to the run dir's train.log (vlmtax.runlog), not to the terminal."""
     out = recipe.output_dir
     before = {p.name for p in out.iterdir()} if out.is_dir() else None
     try:
-        return _train(recipe, hw or Hardware.detect())
-    except (OSError, RuntimeError, VlmtaxError) as exc:
+        with library_output(out / TRAIN_LOG):
+            return _train(recipe, hw or Hardware.detect())
+    except BaseException as exc:
         failed = disk_full(exc, out)
-        if failed is None:
-            raise
-        _undo_run_writes(out, before)
-        raise VlmtaxError(f"{failed.problem}; {out} is left as it was before this run", failed.fix) from None
+        if failed is not None and os.environ.get("RANK", "0") == "0":  # no half-written weights or checkpoint left
+            remove_new_entries(out, before)
+        if failed is not None:
+            raise VlmtaxError(f"{failed.problem}; {out} is left as it was before this run", failed.fix) from None
+        # a run refused before it began leaves no run dir behind, not even the log of its refusal
+        if before is None and out.is_dir() and [p.name for p in out.iterdir()] == [TRAIN_LOG]:
+            shutil.rmtree(out)
+        raise
     finally:
         close_process_group()
-
-
-def _undo_run_writes(out: Path, before: set[str] | None) -> None:
-    """Remove what this run added to its output_dir (all of it, for a new one): a run cut short by a full disk
-    leaves no half-written weights or checkpoint behind. Rank 0 alone removes."""
-    if os.environ.get("RANK", "0") != "0" or not out.is_dir():
-        return
-    for path in [out] if before is None else [p for p in out.iterdir() if p.name not in before]:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def close_process_group() -> None:
@@ -353,7 +342,7 @@ def _train(recipe: Recipe, hw: Hardware) -> Path:
         from vlmtax.classify import train_classify
 
         return train_classify(recipe, hw)
-    check_data_dir(recipe)
+    check_data_dir(recipe.data)
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
     check_logging(recipe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from vlmtax import packing, vision_cache
+from vlmtax import packing, train_console, vision_cache
 from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
@@ -19,6 +21,7 @@ from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_records
 from vlmtax.taxonomy import Taxonomy
+from vlmtax.train_console import quiet_args
 from vlmtax.trainer_extra import extra_args, report_to
 
 
@@ -107,13 +110,25 @@ class StartStep(TrainerCallback):
         self.step = state.global_step
 
 
-def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
+def planned_max_steps(t: Any, n_train: int | None) -> int:
+    """TrainingArguments.max_steps: train.max_steps, else train.min_steps where train.epochs over `n_train`
+    rows would take fewer optimiser steps (-1: the epochs decide)."""
+    if t.max_steps:
+        return t.max_steps
+    if not t.min_steps or not n_train:
+        return -1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum)
+    return t.min_steps if per_epoch * t.epochs < t.min_steps else -1
+
+
+def training_args(recipe: Recipe, precision: str, has_eval: bool, n_train: int | None = None) -> SFTConfig:
     t = recipe.train
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     return SFTConfig(
         output_dir=str(recipe.output_dir),
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
+        max_steps=planned_max_steps(t, n_train),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -122,8 +137,8 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         use_liger_kernel=False,  # TRL's switch disables the fused loss for this trainer; sft patches liger itself
         seed=t.seed,
         bf16=precision == "bf16",
@@ -143,7 +158,7 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         max_length=None,  # the collator never truncates; over-long records are errors
         ddp_find_unused_parameters=False if recipe.finetuning == "full" else None,
         **save,
-        **extra_args(recipe),
+        **{**quiet_args(), **extra_args(recipe)},  # train.extra may set disable_tqdm itself
     )
 
 
@@ -179,7 +194,7 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     eval_ds = Dataset.from_dict({"index": list(range(n_train, len(records))), "length": lengths[n_train:]}) \
         if val_records else None
     try:
-        args = training_args(recipe, precision, eval_ds is not None)
+        args = training_args(recipe, precision, eval_ds is not None, n_train)
     except (ValueError, TypeError) as exc:  # a train.extra value that SFTConfig refuses
         raise VlmtaxError(f"SFTConfig refused the training arguments: {first_line(exc)}",
                           "check the values in train.extra") from None
@@ -199,5 +214,6 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
     trainer.add_callback(FrozenTower())
+    train_console.attach(trainer)
     trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
     return trainer

@@ -32,6 +32,7 @@ OWNED = {
     "gradient_checkpointing": "train.gradient_checkpointing",
     "gradient_checkpointing_kwargs": "train.gradient_checkpointing",
     "activation_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing_kwargs": "train.gradient_checkpointing",
     "use_liger_kernel": "train.liger",
     "seed": "train.seed",
     "bf16": "precision",
