@@ -65,6 +65,18 @@ def combine(probs: np.ndarray, weights: np.ndarray, temperatures: np.ndarray | N
     return np.tensordot(np.asarray(weights, float) / np.sum(weights), probs, axes=1)
 
 
+def prior_of(counts: list[float]) -> np.ndarray:
+    """The training frequency of each value, as `decide` divides by it. A value never seen in training (declared,
+    count 0) counts as the rarest seen one: a zero prior would make it win every row once tau > 0. No count at
+    all (a category without training rows) gives the uniform prior, which corrects nothing."""
+    prior = np.asarray(counts, float)
+    seen = prior[prior > 0]
+    if not len(seen):
+        return np.full(len(prior), 1 / max(len(prior), 1))
+    prior = np.where(prior > 0, prior, seen.min())
+    return prior / prior.sum()
+
+
 def decide(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
     """argmax_v p(v|x) / prior(v)^tau; tau = 0 is the plain argmax (first value on ties)."""
     if tau == 0:

@@ -15,7 +15,7 @@ import torch
 
 from vlmtax.backbone import load_encoder, load_image_processor, process_images
 from vlmtax.classify import BACKBONE_WEIGHTS, CLASSIFIER_FILE, HEADS_WEIGHTS, KNN_BANK
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.heads import Heads, HeadSpec, head_probabilities, layout_matches, load_heads_state
 from vlmtax.loading import DTYPES, gpu_precision, run_roots
 from vlmtax.meta import META_FILE
@@ -39,6 +39,18 @@ def heads_run_root(path: str | Path) -> Path | None:
     return next((p for p in run_roots(Path(path)) if (p / CLASSIFIER_FILE).is_file()), None)
 
 
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """A classify run's weights file; a missing, empty or truncated one is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load
+
+    try:
+        return load(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise VlmtaxError(f"weights file {path} of the classify run is damaged or missing ({first_line(exc)})",
+                          "restore the file from a copy of the run, or re-run sft") from None
+
+
 @dataclass
 class HeadsResult:
     values: dict[str, str]
@@ -49,8 +61,6 @@ class HeadsResult:
 
 class HeadsPredictor:
     def __init__(self, run_dir: str | Path, taxonomy: Taxonomy, device: str | None = None):
-        from safetensors.torch import load_file
-
         root = heads_run_root(run_dir)
         if root is None:
             raise VlmtaxError(f"{run_dir} is not a classify run (no {CLASSIFIER_FILE})",
@@ -68,13 +78,13 @@ class HeadsPredictor:
         dtype, self.autocast = run_precision(root, spec, self.device)
         self.encoder = load_encoder(spec["backbone"], dtype, spec.get("trust_remote_code", False))
         if spec.get("trained_backbone"):
-            self.encoder.load_state_dict(load_file(str(root / BACKBONE_WEIGHTS)))
+            self.encoder.load_state_dict(load_file(root / BACKBONE_WEIGHTS))
         self.encoder.to(self.device).eval()
         if spec["kind"] == "knn":
-            self.bank, self.heads = load_file(str(root / KNN_BANK)), None
+            self.bank, self.heads = load_file(root / KNN_BANK), None
         else:
             self.heads = Heads(self.layout, spec["dim"], spec["kind"], spec["width"], spec["dropout"], spec["trunk"])
-            load_heads_state(self.heads, load_file(str(root / HEADS_WEIGHTS)))
+            load_heads_state(self.heads, load_file(root / HEADS_WEIGHTS))
             self.heads.to(self.device).eval()
 
     @torch.no_grad()

@@ -140,6 +140,10 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
         return ModelDir(path=path, kind="adapter", meta=meta, base=_resolve_base(str(base), path))
     if (path / "config.json").is_file():
         return ModelDir(path=path, kind="weights", meta=meta, base=None)
+    if meta.get("task") == "classify":
+        raise VlmtaxError(f"{path} is a classify run (its {META_FILE} says task: classify) but classifier.json, "
+                          "which describes its heads, is missing",
+                          "restore classifier.json from the run, or re-run sft")
     raise VlmtaxError(f"{path} holds neither an adapter ({ADAPTER_CONFIG}) nor model weights (config.json)",
                       "pass a finished `vlmtax sft` run dir, a `vlmtax merge` output or a model folder")
 
@@ -301,7 +305,11 @@ def load_processor(path: str | Path, fallback: str | None = None, padding_side: 
     else:
         first = first_line(last) if last is not None and str(last).strip() else "no processor files"
         raise VlmtaxError(f"cannot load a processor from {path}: {first}", "the folder needs its processor files")
-    tok = processor.tokenizer
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None:  # an image processor alone: a vision encoder (CLIP, SigLIP, timm), not a VLM
+        raise VlmtaxError(f"{path} is a vision encoder ({type(processor).__name__}, no tokenizer), not a "
+                          "vision-language model", "set `task: classify` to train heads on it, or point model: at "
+                          f"a VLM of: {supported()}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if padding_side:

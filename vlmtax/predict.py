@@ -64,6 +64,9 @@ def plan_rows(frame: pd.DataFrame, taxonomy: Taxonomy, images: Path, image_patte
         rows.append(row)
         if row.category is None:
             row.reject = ("unknown_category", f"{cat_text!r} is not in the taxonomy")
+        elif not row.category.trained():
+            # The model never saw this category: its slots can only hold the filler, which is no prediction.
+            row.reject = ("untrained_category", f"no training row of {cat_text!r} held a label")
         elif reject:
             row.reject = reject
         elif not row.image.is_file():
@@ -266,6 +269,9 @@ def _plan(args: dict[str, Any]) -> tuple[Path | None, Taxonomy, list[Row], list[
     if heads_root is not None and mode != "constrained":
         raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
                           "drop --mode free (classify runs predict with the default mode)")
+    if heads_root is not None and args["template"] is not None:
+        raise VlmtaxError(f"{model} is a classify run: its heads answer without a prompt or answer template",
+                          "drop --template (it applies to generate runs)")
     vlm_path = inspect_model_dir(model).path if heads_root is None else None
     tax = load_taxonomy(model, args["taxonomy"], args["template"])
     frame = read_csv(csv, "test CSV", ["id", "Category"])

@@ -22,11 +22,13 @@ import torch
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
 from vlmtax.families import lora_target_regex as family_target_regex
-from vlmtax.fileio import check_writable, guard_outputs, write_json
+from vlmtax.fileio import check_writable, disk_full, guard_outputs, remove_new_entries, write_json
 from vlmtax.loading import ADAPTER_WEIGHTS, DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+from vlmtax.records import check_data_dir
 from vlmtax.runlog import TRAIN_LOG, library_output
+from vlmtax.trainer_extra import check_loggers_installed
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -90,6 +92,8 @@ def check_logging(recipe: Recipe) -> None:
     if recipe.log.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise VlmtaxError("log.tensorboard=true but tensorboard is not installed",
                           "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
+    if recipe.train.extra.get("report_to"):
+        check_loggers_installed(recipe)
 
 
 def _model_config(recipe: Recipe) -> Any:
@@ -304,12 +308,19 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
         from vlmtax.loading import useful_processes
         from vlmtax.records import load_records
 
+        if num_processes > 1:
+            check_data_dir(recipe.data)  # before counting its rows
         rows = len(load_records(recipe.data, "train.json")) if num_processes > 1 else 1
         num_processes = useful_processes(num_processes, math.ceil(rows / recipe.train.batch_size), "batch", "sft")
     if num_processes > 1 and not launched:
+        # Every check that needs no weights, before spawning: each rank would otherwise print the same error.
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
         check_logging(recipe)
         check_lora_targets(recipe)
+        if recipe.task == "classify":
+            from vlmtax.classify import check_classify_recipe
+
+            check_classify_recipe(recipe)
         _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
     return train(recipe)
@@ -318,15 +329,20 @@ def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_process
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
     """Train either route in this process (one rank of a launched run, or the only process). The libraries'
     logs, warnings and bars go to the run dir's train.log (vlmtax.runlog), not to the terminal."""
-    log = recipe.output_dir / TRAIN_LOG
-    fresh = not recipe.output_dir.exists()
+    out = recipe.output_dir
+    before = {p.name for p in out.iterdir()} if out.is_dir() else None
     try:
-        with library_output(log):
+        with library_output(out / TRAIN_LOG):
             return _train(recipe, hw or Hardware.detect())
-    except BaseException:
+    except BaseException as exc:
+        failed = disk_full(exc, out)
+        if failed is not None and os.environ.get("RANK", "0") == "0":  # no half-written weights or checkpoint left
+            remove_new_entries(out, before)
+        if failed is not None:
+            raise VlmtaxError(f"{failed.problem}; {out} is left as it was before this run", failed.fix) from None
         # a run refused before it began leaves no run dir behind, not even the log of its refusal
-        if fresh and recipe.output_dir.is_dir() and [p.name for p in recipe.output_dir.iterdir()] == [TRAIN_LOG]:
-            shutil.rmtree(recipe.output_dir)
+        if before is None and out.is_dir() and [p.name for p in out.iterdir()] == [TRAIN_LOG]:
+            shutil.rmtree(out)
         raise
     finally:
         close_process_group()
@@ -346,10 +362,7 @@ def _train(recipe: Recipe, hw: Hardware) -> Path:
         from vlmtax.classify import train_classify
 
         return train_classify(recipe, hw)
-    data = recipe.data
-    for name in ("train.json", "taxonomy.json"):
-        if not (data / name).is_file():
-            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+    check_data_dir(recipe.data)
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
     check_logging(recipe)

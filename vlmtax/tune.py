@@ -31,6 +31,7 @@ from vlmtax.decision import (
     decide,
     ece,
     fit_temperature,
+    prior_of,
     score_attr,
     score_table,
     simplex_grid,
@@ -130,9 +131,9 @@ def attr_data(files: list[ProbsFile], truth, taxonomy: Taxonomy) -> list[AttrDat
             model_rows = [(local[pos[k]], code[v]) for k, v in labels.items() if pos[k] in local]
             fixed = [code[v] for k, v in labels.items() if pos[k] not in local]
             sel = np.array([j for j, _ in model_rows], dtype=int)
-            prior = np.array([attr.counts.get(v, 0) for v in attr.values], float)
+            prior = prior_of([attr.counts.get(v, 0) for v in attr.values])
             out.append(AttrData(
-                cat.name, attr.name, attr.column, list(attr.values), prior / prior.sum(),
+                cat.name, attr.name, attr.column, list(attr.values), prior,
                 probs[:, sel], np.array([c for _, c in model_rows], dtype=int), np.array(fixed, dtype=int),
                 np.full(len(fixed), attr.values.index(attr.mode), dtype=int), len(code), where[sel]))
     per_cat: dict[str, int] = {}
