@@ -85,7 +85,7 @@ def test_over_the_size_bound_trains_without_it_after_one_warning(cached_trainer)
     small = recipe.model_copy(update={"train": recipe.train.model_copy(update={"cache_vision_max_gb": 1e-9})})
     with pytest.warns(UserWarning, match="train.cache_vision_max_gb") as caught:
         assert vision_cache.setup(trainer, small, processor, trainer.data_collator.records) is None
-    own = [w for w in caught if Path(w.filename).resolve().is_relative_to(Path(vision_cache.__file__).parent)]
+    own = [w for w in caught if "site-packages" not in Path(w.filename).parts]
     assert len(own) == 1  # vlmtax's own warnings: a library's are its own business (and the suite's filters)
 
 
