@@ -2,8 +2,9 @@
 4,000) the shipped recipe still learns to read colour off the images.
 
 Its budget was once 8 epochs of the demo's 3,600 training rows (904 optimiser steps); on 540 rows that is 136
-steps, and the model learned nothing from the images (colour at the constant baseline). `train.min_steps: 300`
-is the floor that holds on both: the demo's run is unchanged, and this catalogue trains 300 steps.
+steps, and the model learned nothing from the images (colour at the constant baseline; a floor of 300 steps did
+no better). `train.min_steps: 900` is the floor that holds on both: the demo's run is unchanged, and this
+catalogue trains 900 steps. Measured: colour +0.79 to +0.90 per category, final 0.606 vs baseline 0.408.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def test_tiny_cpu_learns_colour_on_a_second_catalogue(tmp_path, tiny_model_dir):
     assert cli_exit_code(["sft", str(TINY_RECIPE), f"model={tiny_model_dir}", f"data={data}",
                           f"output_dir={run}"]) == 0
     meta = json.loads((run / "vlmtax_meta.json").read_text())
-    assert meta["global_step"] == 300  # the floor, not 8 epochs of 540 rows (136 steps)
+    assert meta["global_step"] == 900  # the floor, not 8 epochs of 540 rows (136 steps)
     assert cli_exit_code(["predict", "--model", str(run), "--csv", str(cat / "test.csv"), "--images",
                           str(cat / "test_images"), "--out", str(tmp_path / "sub.csv")]) == 0
     assert cli_exit_code(["score", "--truth", str(cat / "test_labels.csv"), "--pred", str(tmp_path / "sub.csv"),
