@@ -266,6 +266,7 @@ def extraction_speed(lite0: Path, paths: dict[str, Path], n: int = 256) -> None:
     processor = resize_timm(load_image_processor(lite0), 112, 1.0)
     encoder = load_encoder(lite0).eval()
     images = [load_image(p) for p in load_classify_data(paths["data"]).train.images[:n]]
+    n = len(images)
     pixels = [process_images(processor, images[s:s + 64])["pixel_values"] for s in range(0, n, 64)]
     for channels_last in (False, True):
         fmt = torch.channels_last if channels_last else torch.contiguous_format

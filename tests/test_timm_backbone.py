@@ -6,6 +6,10 @@ recipes' timm names against timm's list of pretrained models (no hub anywhere)."
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +185,28 @@ def test_shipped_recipes_name_pretrained_timm_models():
             names[path.name] = model.removeprefix("timm/")
     assert len(names) >= 4, names  # seed 003's CLIP B/32, seed 004's EVA02-tiny, the winner's two LAION towers
     assert {n: m for n, m in names.items() if m not in known} == {}
+
+
+def test_timm_frozen_run_resumes(seed_004_dirs, prepared_dir, tmp_path):
+    model = seed_004_dirs["convnextv2_femto"]
+    extra = ("heads.mode=frozen", "train.save_steps=2", "image.size=56")
+    _sft(model, prepared_dir, tmp_path / "run", tmp_path, *extra)
+    (tmp_path / "run" / "vlmtax_meta.json").unlink()  # an interrupted run: checkpoints, no meta
+    out = _sft(model, prepared_dir, tmp_path / "run", tmp_path, *extra, "train.max_steps=4", "resume=true")
+    meta = json.loads((out / "vlmtax_meta.json").read_text())
+    assert meta["started_at_step"] == 2 and meta["global_step"] == 4 and meta["features_extracted"] == 0
+
+
+@pytest.mark.slow
+def test_timm_two_process_full_run(seed_004_dirs, prepared_dir, tmp_path):
+    """`sft --num-processes 2` (DDP over gloo) fine-tunes a timm backbone: half the steps of one process."""
+    out = tmp_path / "ddp"
+    overrides = tiny_overrides(seed_004_dirs["eva02_tiny_patch14_224"], prepared_dir, out, "heads.mode=full",
+                               "train.batch_size=8", "train.eval=false", "train.epochs=1")
+    proc = subprocess.run([sys.executable, "-m", "vlmtax", "sft", str(HEADS_RECIPE), "--num-processes", "2",
+                           *overrides], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = len(json.loads((prepared_dir / "train.json").read_text()))
+    assert json.loads((out / "vlmtax_meta.json").read_text())["global_step"] == math.ceil(rows / (8 * 2))
+    assert (out / "backbone.safetensors").is_file()

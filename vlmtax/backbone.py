@@ -41,14 +41,13 @@ class Kind:
     # `lora.target: all-linear` wraps these module types (a timm convnet has no nn.Linear once its classifier
     # is gone: its 1x1 ungrouped convolutions, the pointwise layers, are its linear maps)
     lora_types: tuple[type, ...]
-    channels_last: bool  # frozen extraction in channels_last memory format (convolutions run faster so)
-    sized_by: str  # the recipe key that sets the input size: image.min_pixels/max_pixels, image.size, or none
+    channels_last: bool  # frozen extraction and predict in channels_last memory format (convolutions run faster)
 
 
 KINDS = {k.name: k for k in (
-    Kind("transformers", (nn.Linear,), False, "none"),
-    Kind("qwen_tower", (nn.Linear,), False, "image.min_pixels/max_pixels"),
-    Kind("timm", (nn.Linear, nn.Conv2d), True, "image.size"),
+    Kind("transformers", (nn.Linear,), False),
+    Kind("qwen_tower", (nn.Linear,), False),  # sized by image.min_pixels/max_pixels (set_qwen_pixels)
+    Kind("timm", (nn.Linear, nn.Conv2d), True),  # sized by image.size/crop_pct (resize_timm)
 )}
 
 

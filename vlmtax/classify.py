@@ -87,9 +87,8 @@ def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         raise VlmtaxError(f"lora.target={recipe.lora.target} wraps nothing LoRA supports in the backbone",
                           f"name some of its linear layers: {', '.join(names[:12]) or '(none: use heads.mode=full)'}"
                           ) from None
-    wrapped = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules() if hasattr(m, "lora_A")})
-    sys.stderr.write(f"LoRA on the backbone: {sum(1 for _, m in encoder.model.named_modules() if hasattr(m, 'lora_A'))}"
-                     f" modules named {', '.join(wrapped)}\n")
+    wrapped = [n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules() if hasattr(m, "lora_A")]
+    sys.stderr.write(f"LoRA on the backbone: {len(wrapped)} modules named {', '.join(sorted(set(wrapped)))}\n")
     return encoder
 
 
