@@ -249,8 +249,9 @@ def trained_route(name: str, recipe: str, model: Path, paths: dict[str, Path], *
     rows = len(json.loads((paths["data"] / "train.json").read_text()))
     steps, runtime = meta["global_step"], meta.get("train_runtime_s")
     batch = yaml.safe_load((run / "recipe.yaml").read_text())["train"]["batch_size"]  # the resolved recipe
-    extracted = meta.get("features_extracted") or 0
+    extracted = meta.get("features_extracted")  # None: no frozen features (full fine-tuning); 0: all cached
     return {"name": name, "final": report["final"], "baseline": report["baseline"]["final"], "gains": gains(report),
+            "extracted": extracted,
             "extract_img_s": extracted / max(sft_s - (runtime or 0), 1e-9) if extracted else None,
             "heads_samples_s": steps * batch / runtime if runtime else None, "wall_s": wall, "rows": rows}
 
@@ -291,7 +292,7 @@ def quality(paths: dict[str, Path], args) -> None:
         import_backbone("efficientnet_lite0", lite0)
     cache = WORK / f"q-cache-{args.rows}"
     shutil.rmtree(cache, ignore_errors=True)  # cold: the first route's extraction is timed
-    results = [trained_route("lite0 frozen+mlp", "effnet_lite0_heads_cpu.yaml", lite0, paths,
+    results = [trained_route("lite0 frozen+heads", "effnet_lite0_heads_cpu.yaml", lite0, paths,
                              f"heads.cache_dir={cache}"),
                trained_route("lite0 knn", "effnet_lite0_heads_cpu.yaml", lite0, paths, f"heads.cache_dir={cache}",
                              "heads.kind=knn"),
@@ -305,10 +306,11 @@ def quality(paths: dict[str, Path], args) -> None:
     print(f"{'route':26}{'final':>8}" + "".join(f"{a:>14}" for a in VISIBLE)
           + f"{'extract img/s':>15}{'heads smp/s':>13}{'wall s':>9}")
     for r in results:
-        extract = f"{r['extract_img_s']:.1f}" if r["extract_img_s"] else "cached"
+        extract = f"{r['extract_img_s']:.1f}" if r["extract_img_s"] else ("cached" if r["extracted"] == 0 else "-")
         heads = f"{r['heads_samples_s']:.0f}" if r["heads_samples_s"] else "-"
         print(f"{r['name']:26}{r['final']:8.4f}" + "".join(f"{r['gains'].get(a, float('nan')):+14.3f}" for a in VISIBLE)
               + f"{extract:>15}{heads:>13}{r['wall_s']:9.0f}")
+    print("extract img/s: images extracted / the sft call's time outside the training loop (loading included)")
     extraction_speed(lite0, paths)
 
 
