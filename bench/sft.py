@@ -175,7 +175,7 @@ def run_stock_trl(args, model: Path, data: Path, gc: bool) -> dict:
         model=AutoModelForImageTextToText.from_pretrained(model),
         args=SFTConfig(output_dir=str(WORK / "run-trl"), max_steps=args.steps,
                        per_device_train_batch_size=args.batch_size,
-                       gradient_checkpointing=gc, learning_rate=recipe.train.lr, report_to="none", logging_steps=1000,
+                       activation_checkpointing=gc, learning_rate=recipe.train.lr, report_to="none", logging_steps=1000,
                        save_strategy="no", max_length=None, disable_tqdm=True, bf16=False),
         train_dataset=Dataset.from_list(rows), processing_class=processor,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(recipe), task_type="CAUSAL_LM"),
@@ -307,7 +307,7 @@ def step_times(args, model: Path, data: Path) -> tuple[dict[str, float], float]:
     recipe = load_recipe(RECIPE, overrides(args, model, data, True) + ["train.cache_vision=true"])
     net, processor = load_model(recipe, "fp32")
     trainer = build_trainer(recipe, prepare_model(net, recipe, "fp32"), processor, "fp32")
-    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     drop_frozen_tower_input_grads(trainer.model)  # as training does on its first step
     patch_embed = vision_tower(trainer.model).patch_embed
     collator, cache, n = trainer.data_collator, trainer.data_collator.vision_cache, len(trainer.train_dataset)

@@ -196,9 +196,9 @@ def language_step(model: Any, batch: int, seq: int, answer: int, checkpointing: 
     inner = model.base_model.model
     lm = inner.model.language_model
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     positions = torch.zeros(3, batch, seq, dtype=torch.long, device="meta")
     saved = SavedBytes(model, lm.layers)

@@ -25,7 +25,8 @@ SAREES_REMAP = "Sarees:attr_1<->attr_4"
 
 # The longest test files first, so that under `make test` (pytest-xdist, whole files per worker, in this
 # order: --no-loadscope-reorder) the two demos start at once on two workers and the rest fills in behind.
-FIRST = ["test_end_to_end.py", "test_end_to_end_blank.py", "test_docs.py", "test_bad_inputs.py", "test_sft.py",
+FIRST = ["test_end_to_end.py", "test_end_to_end_blank.py", "test_docs.py", "test_recipe_second_catalogue.py",
+         "test_bad_inputs.py", "test_sft.py",
          "test_predict.py", "test_classify.py", "test_families.py"]
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class Case:
     protect: Callable[[Ctx], list[Path]] = field(default=lambda c: [])
     check: Callable[[Ctx], None] | None = None  # extra assertions after the run (rejects reported, ...)
     patch: Callable[[Ctx, pytest.MonkeyPatch], None] | None = None
+    says: str | None = None  # regex a line of stderr must match (a warning, for a run that succeeds)
 
 
 def _snapshot(paths: list[Path]) -> dict[str, str]:
@@ -288,19 +290,22 @@ CAT_INPUTS = lambda c: [c.cat["csv"], c.cat["images"], c.cat["attributes"]]  # n
 TINY = lambda c: [c.fixture("tiny_model_dir"), c.fixture("prepared_dir")]  # noqa: E731
 RUN = lambda c: [c.fixture("trained_run_dir"), c.fixture("tiny_model_dir")]  # noqa: E731
 
-def _probs_files(c: Ctx, n_models: int = 2, ids: tuple[str, ...] = ("1", "2", "3", "4")) -> list[Path]:
-    """Hand-made `predict --probs` files over a one-attribute taxonomy, plus the matching truth CSV."""
+def _probs_files(c: Ctx, n_models: int = 2, ids: tuple[str, ...] = ("1", "2", "3", "4"),
+                 declared: tuple[str, ...] = ()) -> list[Path]:
+    """Hand-made `predict --probs` files over a one-attribute taxonomy, plus the matching truth CSV;
+    `declared`: values the attribute file allows that no training row holds (count 0)."""
     from vlmtax.taxonomy import SLOT_COLUMNS, build_taxonomy
 
-    values = ["blue", "red"]
+    values = ["blue", "red", *declared]
     build_taxonomy(pd.DataFrame({"Category": ["Tees"] * 3, "attr_1": ["red", "red", "blue"]}), {"Tees": ["color"]},
-                   remaps=[]).save(c.tmp / "taxonomy.json")
+                   remaps=[], declared={"Tees": {"color": values}} if declared else None).save(c.tmp / "taxonomy.json")
     pd.DataFrame({"id": list(ids), "Category": "Tees", "len": 1, "attr_1": ["red", "blue", "red", "red"][:len(ids)],
                   **{col: "dummy" for col in SLOT_COLUMNS[1:]}}).to_csv(c.tmp / "val.csv", index=False)
     paths = []
     for m in range(n_models):
         lines = [{"id": i, "Category": "Tees", "attributes": {"color": {
-            "column": "attr_1", "value": "red", "probs": dict(zip(values, [0.3 + 0.1 * m, 0.7 - 0.1 * m]))}}}
+            "column": "attr_1", "value": "red",
+            "probs": dict(zip(values, [0.3 + 0.1 * m, 0.7 - 0.1 * m, *[0.0] * len(declared)]))}}}
             for i in ids]
         path = c.tmp / f"p{m}.jsonl"
         path.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -308,14 +313,14 @@ def _probs_files(c: Ctx, n_models: int = 2, ids: tuple[str, ...] = ("1", "2", "3
     return paths
 
 
-def _tune_args(c: Ctx, *extra: str, out: Path | None = None) -> list[str]:
-    files = _probs_files(c)
+def _tune_args(c: Ctx, *extra: str, out: Path | None = None, declared: tuple[str, ...] = ()) -> list[str]:
+    files = _probs_files(c, declared=declared)
     return ["tune", *map(str, files), "--truth", str(c.tmp / "val.csv"), "--taxonomy", str(c.tmp / "taxonomy.json"),
             "--out", str(out or c.tmp / "decision.json"), "--folds", "0", "--bootstrap", "10", *map(str, extra)]
 
 
-def _ensemble_args(c: Ctx, *extra: str, out: Path | None = None) -> list[str]:
-    files = _probs_files(c)
+def _ensemble_args(c: Ctx, *extra: str, out: Path | None = None, declared: tuple[str, ...] = ()) -> list[str]:
+    files = _probs_files(c, declared=declared)
     return ["ensemble", *map(str, files), "--taxonomy", str(c.tmp / "taxonomy.json"),
             "--out", str(out or c.tmp / "sub.csv"), *map(str, extra)]
 
@@ -330,6 +335,119 @@ def _other_ids(c: Ctx, build: Callable[[Ctx], list[str]]) -> list[str]:
     second = c.tmp / "p1.jsonl"
     second.write_text(second.read_text().replace('"id": "4"', '"id": "9"'))
     return args
+
+
+def _first_row_comma(c: Ctx, *extra: str) -> list[str]:
+    """Meesho-shaped rows (last cell empty); the FIRST row's label holds an unquoted comma."""
+    c.catalogue()
+    lines = c.cat["csv"].read_text().splitlines()
+    lines[0] += ",attr_3"
+    lines = [lines[0], *(line + "," for line in lines[1:])]  # an empty last cell on every row
+    lines[1] = lines[1].replace(",red,", ",red, cotton,")
+    c.cat["csv"].write_text("\n".join(lines) + "\n")
+    return c.prepare_args(None, *extra)
+
+
+def _no_row_category(c: Ctx) -> list[str]:
+    """The attribute file lists Shirts, which no row of the CSV has."""
+    c.catalogue(attrs={"categories": {**ATTRS["categories"], "Shirts": ["color"]}})
+    return c.prepare_args()
+
+
+def _untrained(c: Ctx) -> None:
+    report = json.loads((c.tmp / "out" / "report.json").read_text())
+    assert report["untrained_categories"] == ["Shirts"]
+
+
+def _heads_sft(c: Ctx, *extra: str, data: Path | None = None, out: Path | None = None) -> list[str]:
+    from conftest import RECIPES
+
+    return ["sft", str(RECIPES / "tiny_heads_cpu.yaml"),
+            *tiny_overrides(c.fixture("tiny_clip_dir"), data or c.fixture("prepared_dir"), out or c.tmp / "run"),
+            "heads.mode=frozen", "train.max_steps=1", "train.batch_size=8", "train.eval=false",
+            f"heads.cache_dir={c.tmp / 'cache'}", *extra]
+
+
+def _knn_full_disk(c: Ctx, mp: pytest.MonkeyPatch, how: str) -> None:
+    """A full disk once the run dir is written: safetensors' own error, or a write with no path named."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run = str(c.tmp / "run")
+    if how == "safetensors":
+        real = safetensors.torch.save_file
+
+        def full(tensors, filename, *a, **k):
+            if str(filename).startswith(run):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real(tensors, filename, *a, **k)
+
+        mp.setattr(safetensors.torch, "save_file", full)
+    else:
+        real_write = Path.write_text
+
+        def full_text(self, *a, **k):
+            if str(self) == f"{run}/recipe.yaml":  # a direct write: its error names no file, as write() gives
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self, *a, **k)
+
+        mp.setattr(Path, "write_text", full_text)
+
+
+def _heads_run_copy(c: Ctx, drop: str | None = None, truncate: str | None = None) -> Path:
+    run = c.tmp / "heads_run"
+    shutil.copytree(c.fixture("heads_run_dir"), run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    if drop:
+        (run / drop).unlink()
+    if truncate:
+        data = (run / truncate).read_bytes()
+        (run / truncate).write_bytes(data[: len(data) // 2])
+    return run
+
+
+def _untrained_category_rows(c: Ctx) -> list[str]:
+    """The run's taxonomy with one category emptied as prepare leaves a category no training row has; a test
+    CSV of 2 rows of a trained category and one of the emptied one."""
+    tax = json.loads((c.fixture("trained_run_dir") / "taxonomy.json").read_text())
+    test = pd.read_csv(c.fixture("synth_dir") / "test.csv", dtype=str)
+    trained, emptied = test["Category"].iat[0], next(x for x in test["Category"] if x != test["Category"].iat[0])
+    for attr in tax["categories"][emptied]["attributes"]:
+        attr.update(values=[tax["filler"]], counts={}, mode=tax["filler"])
+    (c.tmp / "taxonomy.json").write_text(json.dumps(tax))
+    rows = pd.concat([test[test["Category"] == trained].iloc[:2], test[test["Category"] == emptied].iloc[:1]])
+    rows.to_csv(c.tmp / "small.csv", index=False)
+    c.emptied = rows["id"].iat[2]  # type: ignore[attr-defined]
+    return c.predict_args(c.tmp / "sub.csv", "--taxonomy", c.tmp / "taxonomy.json", csv=c.tmp / "small.csv")
+
+
+def _untrained_rejected(c: Ctx) -> None:
+    assert _rejects(c.tmp / "sub.rejects.csv") == {c.emptied: "untrained_category"}  # type: ignore[attr-defined]
+    assert len(pd.read_csv(c.tmp / "sub.csv")) == 3
+
+
+def _decision(c: Ctx, weights: list[float]) -> list[str]:
+    """A decision.json from tune, then hand-edited weights."""
+    assert cli_exit_code(_tune_args(c)) == 0
+    path = c.tmp / "decision.json"
+    decision = json.loads(path.read_text())
+    decision["weights"] = weights
+    path.write_text(json.dumps(decision))
+    return _ensemble_args(c, "--decision", path)
+
+
+def assert_never_green(sub: Path) -> None:
+    """A value no training row holds (prior 0) must not win rows where every model gives it probability 0."""
+    assert set(pd.read_csv(sub, dtype=str)["attr_1"]) <= {"red", "blue"}
+
+
+def _declared_decision(c: Ctx) -> list[str]:
+    """A decision with prior correction (tau set to 1) over an attribute with a declared value of count 0."""
+    assert cli_exit_code(_tune_args(c, declared=("green",))) == 0
+    decision = json.loads((c.tmp / "decision.json").read_text())
+    for attr in decision["attributes"]:
+        attr["tau"] = 1.0
+    (c.tmp / "decision.json").write_text(json.dumps(decision))
+    return _ensemble_args(c, "--decision", c.tmp / "decision.json", declared=("green",))
 
 
 CASES = [
@@ -376,6 +494,15 @@ CASES = [
                                                                       str(c.tmp / "nope")), error="image folder"),
     Case("prepare", "row with an extra field", _extra_field, error="more fields than its header.*line 2",
          protect=CAT_INPUTS),
+    Case("prepare", "first row: comma in a label, last cell empty", _first_row_comma,
+         error="more fields than its header.*line 2", protect=CAT_INPUTS),
+    Case("prepare", "first row: comma in a label, last cell empty, --strict",
+         lambda c: _first_row_comma(c, "--strict"), error="more fields than its header.*line 2", protect=CAT_INPUTS),
+    Case("prepare", "max pixels 0", lambda c: c.prepare_args(None, "--max-pixels", "0"), error="--max-pixels 0"),
+    Case("prepare", "max pixels negative", lambda c: c.prepare_args(None, "--max-pixels", "-5"),
+         error="--max-pixels -5"),
+    Case("prepare", "a category with no training rows", _no_row_category, code=0, check=_untrained,
+         says=r"^warning: 1 category .*\(Shirts\).*untrained_category"),
     Case("prepare", "val fraction out of range", lambda c: c.prepare_args(None, "--val-fraction", "1.5"),
          error="out of range"),
     Case("prepare", "filler is a real value", lambda c: c.prepare_args(None, "--filler", "Black"),
@@ -469,6 +596,39 @@ CASES = [
          error="did you mean train.epochs"),
     Case("sft", "truncated train.json", _truncated_train_json, error="train.json is damaged"),
     Case("sft", "image moved after prepare", _moved_image, error="image\\(s\\) named in .* are gone"),
+    Case("sft", "attribute weight for no attribute", lambda c: _heads_sft(c, "heads.attribute_weights={nope: 2.0}"),
+         error="attribute_weights names 'nope'.*use attribute names \\(.*color",
+         check=lambda c: _assert_absent(c.tmp / "run")),
+    *[Case("sft", f"{what} attribute weight", lambda c, w=w: _heads_sft(c, f"heads.attribute_weights={{color: {w}}}"),
+           error="heads.attribute_weights.*positive") for what, w in (("negative", -1), ("zero", 0), ("NaN", ".nan"))],
+    Case("sft", "heads keys in a generate recipe", lambda c: c.sft_args(c.tmp / "r", "heads.kind=mlp"),
+         error="heads.* configures the classify route.*task: classify"),
+    *[Case("sft", f"{key} on a classify run", lambda c, o=override: _heads_sft(c, o),
+           error=f"{key} is for the generate route")
+      for key, override in (("train.packing", "train.packing=true"), ("train.cache_vision", "train.cache_vision=true"),
+                            ("train.extra", "train.extra={dataloader_drop_last: true}"))],
+    Case("sft", "train.extra value of the wrong type",
+         lambda c: c.sft_args(c.tmp / "r", "train.extra={dataloader_drop_last: notabool}"),
+         error="train.extra.dataloader_drop_last='notabool' is not a valid bool"),
+    Case("sft", "report_to a logger not installed",
+         lambda c: c.sft_args(c.tmp / "r", "train.extra={report_to: [wandb]}"),
+         error="report_to names 'wandb', which is not installed"),
+    Case("sft", "report_to a logger the Trainer does not know",
+         lambda c: c.sft_args(c.tmp / "r", "train.extra={report_to: [tensorbord]}"),
+         error="report_to names 'tensorbord', which the Trainer does not know"),
+    Case("sft", "generate recipe on a CLIP encoder",
+         lambda c: c.sft_args(c.tmp / "r", model=c.fixture("tiny_clip_dir")),
+         error="is a vision encoder.*task: classify", check=lambda c: _assert_absent(c.tmp / "r")),
+    Case("sft", "two processes, classify data folder missing",
+         lambda c: [*_heads_sft(c, data=c.tmp / "nodata"), "--num-processes", "2"],
+         error="data dir .*nodata not found"),
+    Case("sft", "classify run onto a full disk (safetensors)", lambda c: _heads_sft(c, "heads.kind=knn"),
+         error=r"cannot write .*run.*No space left on device.*left as it was",
+         check=lambda c: _assert_absent(c.tmp / "run"),
+         patch=lambda c, mp: _knn_full_disk(c, mp, "safetensors")),
+    Case("sft", "classify run onto a full disk (no file named)", lambda c: _heads_sft(c, "heads.kind=knn"),
+         error=r"cannot write .*run: No space left on device", check=lambda c: _assert_absent(c.tmp / "run"),
+         patch=lambda c, mp: _knn_full_disk(c, mp, "write")),
     # --- merge ---
     Case("merge", "out is the run dir", lambda c: ["merge", str(c.fixture("trained_run_dir")), "--out",
                                                    str(c.fixture("trained_run_dir"))],
@@ -526,6 +686,18 @@ CASES = [
          lambda c: c.file("t.csv", "id,Category\n1,Tees,extra\n2,Tees\n") and c.predict_args(
              c.tmp / "s.csv", csv=c.tmp / "t.csv"), error="more fields than its header"),
     Case("predict", "truncated model.safetensors", _truncated_model, error="weights of .* are damaged"),
+    Case("predict", "truncated heads.safetensors",
+         lambda c: ["predict", "--model", str(_heads_run_copy(c, truncate="heads.safetensors")),
+                    *c.predict_args(c.tmp / "s.csv")[3:]],
+         error="heads.safetensors of the classify run is damaged", check=lambda c: _assert_absent(c.tmp / "s.csv")),
+    Case("predict", "classify run without classifier.json",
+         lambda c: ["predict", "--model", str(_heads_run_copy(c, drop="classifier.json")),
+                    *c.predict_args(c.tmp / "s.csv")[3:]], error="is a classify run .*classifier.json.* missing"),
+    Case("predict", "--template on a classify run",
+         lambda c: ["predict", "--model", str(c.fixture("heads_run_dir")), *c.predict_args(c.tmp / "s.csv")[3:],
+                    "--template", str(c.file("t.yaml"))], error="classify run.*drop --template"),
+    Case("predict", "rows of a category the model never saw", _untrained_category_rows, code=0,
+         check=_untrained_rejected),
     # --- score ---
     Case("score", "json is the truth", lambda c: c.score_args("--json", c.score_files()[0]),
          error="--json .* is the input --truth", protect=lambda c: list(c.score_files())),
@@ -560,7 +732,18 @@ CASES = [
          error="nope.jsonl"),
     Case("tune", "files cover other ids", lambda c: _other_ids(c, _tune_args), error="row|id",
          check=lambda c: _assert_absent(c.tmp / "decision.json")),
+    Case("tune", "a declared value no training row holds",
+         lambda c: _tune_args(c, "--taus", "0,1", declared=("green",)),
+         code=0, check=_all_rejected_written("decision.json")),
     # --- ensemble ---
+    Case("ensemble", "decision with a negative weight", lambda c: _decision(c, [-1, 2]),
+         error=r"decision file .*weights \[-1\.0, 2\.0\] must be non-negative",
+         check=lambda c: _assert_absent(c.tmp / "sub.csv")),
+    Case("ensemble", "decision with a NaN weight", lambda c: _decision(c, [float("nan"), 1]),
+         error=r"decision file .*weights \[nan, 1\.0\] must be non-negative",
+         check=lambda c: _assert_absent(c.tmp / "sub.csv")),
+    Case("ensemble", "a declared value no training row holds", _declared_decision, code=0,
+         check=lambda c: assert_never_green(c.tmp / "sub.csv")),
     Case("ensemble", "out is a probability file", lambda c: _ensemble_args(c, out=c.tmp / "p1.jsonl"),
          error="--out .*p1.jsonl is the input probs file", protect=_probs_inputs),
     Case("ensemble", "probs out is the taxonomy", lambda c: _ensemble_args(c, "--probs", c.tmp / "taxonomy.json"),
@@ -583,6 +766,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def heads_run_dir(tiny_clip_dir, prepared_dir, tmp_path_factory) -> Path:
+    """A classify run (frozen CLIP features, MLP heads, 2 steps) for predict's cases."""
+    from conftest import RECIPES
+
+    from vlmtax.sft import sft
+
+    tmp = tmp_path_factory.mktemp("heads")
+    return sft(RECIPES / "tiny_heads_cpu.yaml", tiny_overrides(
+        tiny_clip_dir, prepared_dir, tmp / "run", "heads.mode=frozen", "train.max_steps=2", "train.batch_size=8",
+        "train.eval=false", f"heads.cache_dir={tmp / 'cache'}"))
+
+
 def _assert_absent(path: Path) -> None:
     assert not path.exists(), f"{path} was written"
 
@@ -596,11 +792,19 @@ def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, m
     if case.patch is not None:
         case.patch(ctx, monkeypatch)
     capsys.readouterr()
-    code = cli_exit_code(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        code = cli_exit_code(argv)
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert code == case.code, err
     assert "Traceback" not in err
+    # numpy's RuntimeWarnings (divide by zero, invalid value) raised in vlmtax's own arithmetic: none may leak
+    leaked = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+              if issubclass(w.category, RuntimeWarning) and f"{os.sep}vlmtax{os.sep}" in w.filename]
+    assert not leaked, leaked
+    if case.says is not None:
+        assert any(re.search(case.says, line) for line in err.splitlines()), err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     if case.error is not None:
         assert len(lines) == 1, err
@@ -615,8 +819,10 @@ def test_bad_input(case: Case, tmp_path: Path, request: pytest.FixtureRequest, m
 
 
 def test_every_verb_has_cases():
+    from test_report import REPORT_CASES  # report's cases live beside its other tests, same runner
+
     from vlmtax.cli import app
 
     verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
-    counts = {v: sum(c.verb == v for c in CASES) for v in verbs}
+    counts = {v: sum(c.verb == v for c in CASES + REPORT_CASES) for v in verbs}
     assert len(CASES) >= 60 and min(counts.values()) >= 2, counts

@@ -85,7 +85,8 @@ COMMAND_TIMEOUT = 420
 
 # Every reason string that prepare/predict write to a rejects CSV.
 REJECT_REASONS = ["bad_id", "duplicate_id", "unknown_category", "len_mismatch", "image_outside_folder",
-                  "missing_image", "unreadable_image", "missing_labels", "too_long", "value_not_in_schema"]
+                  "missing_image", "unreadable_image", "missing_labels", "too_long", "value_not_in_schema",
+                  "untrained_category"]
 
 
 @dataclass(frozen=True)

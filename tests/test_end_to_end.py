@@ -19,11 +19,14 @@ its thresholds below.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
 from pathlib import Path
 
 import pytest
-
-from vlmtax.demo import demo
+from conftest import cli_exit_code
 
 VISIBLE = ("color", "pattern", "sleeve_length", "length")
 MARGIN = 0.15  # mean gain over the baseline on the visible attributes, in metric points (measured +0.36)
@@ -42,9 +45,35 @@ def visible_gain(report: dict, attributes: tuple[str, ...] = VISIBLE) -> tuple[f
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory) -> tuple[dict, Path]:
+def demo_run(tmp_path_factory) -> tuple[dict, Path, str]:
+    """`vlmtax demo` as `make demo` runs it (the CLI, in this process), with what it printed."""
     work = tmp_path_factory.mktemp("e2e") / "demo"
-    return demo(work), work
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        assert cli_exit_code(["demo", "--workdir", str(work)]) == 0, printed.getvalue()[-3000:]
+    report = json.loads((work / "score.json").read_text())
+    report["classify"] = json.loads((work / "score-heads.json").read_text())
+    report["ensemble"] = json.loads((work / "score-ensemble.json").read_text())
+    return report, work, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_run) -> tuple[dict, Path]:
+    return demo_run[0], demo_run[1]
+
+
+@pytest.mark.slow
+def test_the_demo_prints_only_its_own_lines(demo_run):
+    """Issue 25: the terminal shows vlmtax's lines alone, about two screens of them; the libraries' output is
+    in the log files (demo.log, and each run's train.log)."""
+    _, work, printed = demo_run
+    lines = printed.splitlines()
+    print(f"the demo printed {len(lines)} lines")
+    assert len(lines) <= 120, printed
+    for garbage in ("Warning", "{'loss'", "{'eval_loss'", "{'train_runtime'", "\x1b[", "\r", "it/s]"):
+        assert garbage not in printed, (garbage, printed)
+    assert re.search(r"^sft: epoch \d+/\d+ step \d+/\d+  loss ", printed, re.M), printed  # the live line
+    assert (work / "run" / "train.log").read_text().count('"loss"') >= 10  # every log step, in the file
 
 
 @pytest.mark.slow
@@ -110,3 +139,13 @@ def test_the_tuned_ensemble_is_no_worse_than_the_better_route(demo_report):
           f"ensemble {report['ensemble']['final']:.4f}")
     assert report["ensemble"]["final"] >= best - ENSEMBLE_SLACK
     assert (work / "ensemble" / "decision.json").exists() and (work / "ensemble" / "ensemble.csv").exists()
+
+
+@pytest.mark.slow
+def test_demo_writes_its_report(demo_report):
+    """The demo's report shows the three routes, with the generate route's numbers those of its score.json."""
+    _, work = demo_report
+    figures = json.loads((work / "report" / "figures.json").read_text())
+    assert figures["labels"] == ["generate", "classify", "ensemble"]
+    assert figures["runs"][0] == json.loads((work / "score.json").read_text())
+    assert (work / "report" / "index.html").is_file() and any((work / "report" / "thumbs").iterdir())

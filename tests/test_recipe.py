@@ -107,12 +107,12 @@ def test_attn_implementation_is_checked():
 
 
 def test_qlora_config_that_would_be_passed_to_bitsandbytes():
-    cfg = quantization_config(_recipe(quantization="4bit"), torch.float16)
+    cfg = quantization_config(_recipe(quantization="4bit"), torch.float16, FAMILIES["qwen2_vl"])
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.float16
-    assert "visual" in cfg.llm_int8_skip_modules and "lm_head" in cfg.llm_int8_skip_modules
-    assert quantization_config(_recipe(quantization="8bit"), torch.float16).load_in_8bit
-    assert quantization_config(_recipe(), torch.float16) is None
+    assert r"model\.visual" in cfg.llm_int8_skip_modules and "lm_head" in cfg.llm_int8_skip_modules
+    assert quantization_config(_recipe(quantization="8bit"), torch.float16, FAMILIES["qwen2_vl"]).load_in_8bit
+    assert quantization_config(_recipe(), torch.float16, FAMILIES["qwen2_vl"]) is None
 
 
 def test_lora_targets_never_hit_vision_blocks_unless_unfrozen():

@@ -104,7 +104,7 @@ def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_
                      "train.lr=0.001")
     model, _ = load_model(recipe, "fp32")
     model = prepare_model(model, recipe, "fp32")
-    optimizer = loraplus_optimizer(model, recipe)
+    optimizer = loraplus_optimizer(recipe)(model)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -113,7 +113,7 @@ def test_loraplus_groups_scale_the_b_matrices(tiny_model_dir, prepared_dir, tmp_
             elif "lora_A" in names[id(p)]:
                 assert group["lr"] == pytest.approx(0.001)
     assert any("lora_B" in names[id(p)] for g in optimizer.param_groups for p in g["params"])
-    assert loraplus_optimizer(model, recipe.model_copy(update={"finetuning": "full"})) is None
+    assert loraplus_optimizer(recipe.model_copy(update={"finetuning": "full"})) is None
 
 
 # The GPU recipes differ from tiny_cpu only in values: slow-marked, so the inner loop trains once here.

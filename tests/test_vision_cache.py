@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_ranks_and_resume_encode_each_image_once(cached_trainer, tmp_path):
     todo = [cache.missing(images) for cache in ranks]  # every rank lists before any rank writes
     assert todo[0] == todo[1] and len(todo[0]) == len(set(images))
     for rank, cache in enumerate(ranks):
-        cache.fill(trainer.model, processor, todo[rank][rank::2], 4, contextlib.nullcontext)
+        cache.fill(trainer.model, processor, todo[rank][rank::2], 4, contextlib.nullcontext, torch.device("cpu"))
     assert [c.computed for c in ranks] == [len(todo[0][0::2]), len(todo[0][1::2])]
     resumed = vision_cache.VisionCache(tmp_path, key)
     assert resumed.missing(images) == []  # a resumed run encodes nothing
@@ -84,7 +85,8 @@ def test_over_the_size_bound_trains_without_it_after_one_warning(cached_trainer)
     small = recipe.model_copy(update={"train": recipe.train.model_copy(update={"cache_vision_max_gb": 1e-9})})
     with pytest.warns(UserWarning, match="train.cache_vision_max_gb") as caught:
         assert vision_cache.setup(trainer, small, processor, trainer.data_collator.records) is None
-    assert len(caught) == 1
+    own = [w for w in caught if "site-packages" not in Path(w.filename).parts]
+    assert len(own) == 1  # vlmtax's own warnings: a library's are its own business (and the suite's filters)
 
 
 def test_cache_needs_a_frozen_tower(tiny_model_dir, prepared_dir, tmp_path):

@@ -129,16 +129,14 @@ def load_image_processor(source: str | Path, trust_remote_code: bool = False) ->
 
 def load_encoder(source: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Encoder:
     """The vision encoder of `source`: a vision model, a dual-encoder's vision half, or a VLM's tower."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel
 
     source = str(source)
     _check_source(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         if config.model_type in FAMILIES:
-            vlm = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-            tower = vlm.model.visual
-            del vlm  # the language model is not needed; only the tower stays referenced
+            tower = _vlm_tower(source, config, dtype, trust_remote_code)
             return Encoder(tower, qwen_merge=config.vision_config.spatial_merge_size, kind=KINDS["qwen_tower"])
         with _quiet_timm_load(source):
             model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -148,6 +146,21 @@ def load_encoder(source: str | Path, dtype: torch.dtype = torch.float32, trust_r
                           "use a local model folder (no hub access?) or check the hub id") from None
     # CLIPModel / SiglipModel hold a text tower too: keep the vision half only.
     return Encoder(model.vision_model if hasattr(model, "vision_model") else model, kind=kind_of(source))
+
+
+def _vlm_tower(source: str, config: Any, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """A VLM's vision tower alone: its class from a weightless (meta-device) skeleton, then only the checkpoint's
+    `visual.*` / `model.visual.*` tensors renamed onto it (transformers' key_mapping). Loading the whole VLM to
+    keep `.visual` took the language model too (about 15 GB in fp32 for Qwen2.5-VL-3B)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        cls = type(AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code).model.visual)
+    # The language model's tensors are expected to be left out: no report of them (a missing tower key still warns).
+    tower_only = type(cls.__name__, (cls,), {"_keys_to_ignore_on_load_unexpected": [r".*"]})
+    return tower_only.from_pretrained(source, config=config.vision_config, dtype=dtype,
+                                      trust_remote_code=trust_remote_code,
+                                      key_mapping={r"^(?:model\.)?visual\.": ""})
 
 
 def process_images(processor: Any, images: list) -> dict[str, torch.Tensor]:

@@ -71,7 +71,8 @@ class SegmentTokenizer:
 def image_token_count(processor: Any, width: int, height: int, min_pixels: int, max_pixels: int) -> int:
     """How many <|image_pad|> tokens the processor expands one image of this size into."""
     ip = processor.image_processor
-    patches = ip.get_number_of_image_patches(height, width, {"min_pixels": min_pixels, "max_pixels": max_pixels})
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}  # the processor's own names for the budget
+    patches = ip.get_number_of_image_patches(height, width, {"size": size})
     return patches // (ip.merge_size**2)
 
 

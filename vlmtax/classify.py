@@ -27,7 +27,7 @@ from vlmtax.backbone import (
 )
 from vlmtax.classify_data import ClassifyData, load_classify_data
 from vlmtax.errors import VlmtaxError
-from vlmtax.fileio import atomic_path, write_json
+from vlmtax.fileio import save_safetensors, write_json
 from vlmtax.heads import Classifier, Heads
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe
@@ -46,6 +46,21 @@ def check_classify_recipe(recipe: Recipe) -> None:
     if recipe.attn_implementation != "sdpa":
         raise VlmtaxError(f"attn_implementation={recipe.attn_implementation} is for the generate route's model",
                           "leave it out with task: classify (the backbone loads with transformers' own attention)")
+
+
+def check_attribute_weights(recipe: Recipe, taxonomy: Any) -> None:
+    """heads.attribute_weights keys name an attribute (`color`) or one category's (`Sarees/color`) of the data:
+    a misspelt key would otherwise leave every weight at 1 without a word."""
+    pairs = {f"{c.name}/{a.name}" for c in taxonomy.categories.values() for a in c.attributes}
+    names = {p.split("/", 1)[1] for p in pairs}
+    unknown = [k for k in recipe.heads.attribute_weights if k not in pairs and k not in names]
+    if unknown:
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], sorted(names | pairs), n=1, cutoff=0.5)
+        raise VlmtaxError(f"heads.attribute_weights names {unknown[0]!r}, which is no attribute of {recipe.data}"
+                          + (f" (did you mean {near[0]!r}?)" if near else ""),
+                          f"use attribute names ({', '.join(sorted(names))}) or Category/attribute")
 
 
 def encoder_dtype(recipe: Recipe, precision: str) -> torch.dtype:
@@ -72,7 +87,7 @@ def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 
     target = recipe.lora.target
     names = sorted({n.rsplit(".", 1)[-1] for n in linear_modules(encoder)})
-    if target == "all-linear":
+    if target == "all-linear":  # full names: leaf names such as a Sequential's "0" also hit `blocks.0`
         target = linear_modules(encoder)
         if not target:
             raise VlmtaxError("lora.target=all-linear wraps nothing: the backbone has no linear layers",
@@ -116,15 +131,16 @@ def train_classify(recipe: Recipe, hw: Any) -> Path:
     from transformers import set_seed
 
     from vlmtax.classify_trainer import build_heads_trainer
+    from vlmtax.loading import training_device
     from vlmtax.sft import _output_dir_state, resolve_precision
 
     check_classify_recipe(recipe)
     precision = resolve_precision(recipe, hw)
     resume_from = _output_dir_state(recipe)
     data = load_classify_data(recipe.data)
+    check_attribute_weights(recipe, data.taxonomy)
     set_seed(recipe.train.seed)
-    device = torch.device("cuda") if hw.cuda else torch.device("cpu")
-    model, processor, dim, encoder = build_classifier(recipe, data, precision, device)
+    model, processor, dim, encoder = build_classifier(recipe, data, precision, training_device(hw))
     if recipe.heads.kind == "knn":
         from vlmtax.knn import fit_knn
 
@@ -170,15 +186,12 @@ def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, 
                       step: int, history: list, start: int | None = 0, knn_bank: dict | None = None,
                       cached: int | None = None, runtime: float | None = None,
                       eval_metric: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
-
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     spec = classifier_spec(recipe, dim, model.heads.layout)
 
     def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with atomic_path(out / name) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / name)
 
     if knn_bank is not None:
         save(KNN_BANK, knn_bank)

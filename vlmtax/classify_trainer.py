@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from vlmtax import train_console
 from vlmtax.classify_data import ClassifyData, Collate, Rows, augmenter
 from vlmtax.evaluation import eval_args
 from vlmtax.heads import Classifier, category_groups, values_mask
@@ -20,7 +21,8 @@ from vlmtax.losses import CategoryLoss, LossCfg, category_loss, category_loss_ta
 from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.samplers import make_sampler
-from vlmtax.train_loop import StartStep, stop_if_non_finite
+from vlmtax.train_console import quiet_args
+from vlmtax.train_loop import OwnOptimizer, StartStep, planned_max_steps, stop_if_non_finite
 
 
 def heads_loss_tables(cfg: LossCfg, data: ClassifyData, attribute_weights: dict[str, float]) -> list[CategoryLoss]:
@@ -46,7 +48,7 @@ def heads_loss(outputs: list, targets: torch.Tensor, tables: list[CategoryLoss],
     return total / max(n, 1)
 
 
-class HeadsTrainer(Trainer):
+class HeadsTrainer(OwnOptimizer, Trainer):
     precision: str = "fp32"
 
     def setup(self, recipe: Recipe, data: ClassifyData) -> None:
@@ -72,11 +74,11 @@ class HeadsTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def heads_args(recipe: Recipe, precision: str, has_eval: bool) -> TrainingArguments:
+def heads_args(recipe: Recipe, precision: str, has_eval: bool, n_train: int | None = None) -> TrainingArguments:
     t = recipe.train
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     return TrainingArguments(
-        output_dir=str(recipe.output_dir), num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        output_dir=str(recipe.output_dir), num_train_epochs=t.epochs, max_steps=planned_max_steps(t, n_train),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
@@ -89,6 +91,7 @@ def heads_args(recipe: Recipe, precision: str, has_eval: bool) -> TrainingArgume
         # the heads of a category absent from a batch get no gradient in that step, in every mode
         ddp_find_unused_parameters=True,
         **save,
+        **quiet_args(),
     )
 
 
@@ -113,16 +116,16 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
 
         cache = FeatureCache(recipe.heads.cache_dir or default_cache_dir(),
                              backbone_fingerprint(recipe.model, processor, next(encoder.parameters()).dtype))
-        args = heads_args(recipe, precision, bool(data.val.images))
+        args = heads_args(recipe, precision, bool(data.val.images), len(data.train.images))
         with args.main_process_first(desc="feature extraction"):  # rank 0 fills the cache, the others read it
             features, extracted = cached_features(encoder, processor, data.train.images + data.val.images, cache,
                                                   recipe.heads.extract_batch_size)
     augment = augmenter(recipe.heads.augment) if recipe.heads.augment.enabled else None
     collate = Collate(data, processor, features, augment, pixel_cache(recipe) if features is None else None)
     n_train, n_val = len(data.train.images), len(data.val.images)
-    trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0), data_collator=collate,
-                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None,
-                           optimizers=(heads_optimizer(model, recipe), None))
+    trainer = HeadsTrainer(model=model, args=heads_args(recipe, precision, n_val > 0, n_train), data_collator=collate,
+                           train_dataset=Rows(n_train), eval_dataset=Rows(n_val, n_train) if n_val else None)
+    trainer.build_optimizer = lambda prepared: heads_optimizer(prepared, recipe)
     trainer.setup(recipe, data)
     trainer.metric_callback = None
     if recipe.train.eval_metric or recipe.train.best_by:
@@ -137,4 +140,5 @@ def build_heads_trainer(recipe: Recipe, model: Classifier, data: ClassifyData, e
     trainer.features_extracted = extracted
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
+    train_console.attach(trainer)
     return trainer

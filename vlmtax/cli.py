@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside each verb so `vlmtax --help` s
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sys
@@ -15,6 +16,7 @@ import typer
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import os_error
+from vlmtax.runlog import command_log, library_output, set_verbose
 
 app = typer.Typer(
     name="vlmtax",
@@ -44,8 +46,11 @@ DemoFamily = _choices("DemoFamily", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3
 
 @app.callback(epilog="Exit codes: 0 done; 1 an unexpected error (a bug: traceback shown); 2 bad input or "
               "setup (one `error:` line); 130 interrupted (Ctrl-C).")
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
-    """Declares --debug for the help text; main() reads it from sys.argv before any command runs."""
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+          verbose: Annotated[bool, typer.Option(
+              "--verbose", help="Show the libraries' own logs, warnings and progress bars on the terminal "
+                                "(otherwise they go to a log file: sft's train.log in the run dir).")] = False) -> None:
+    """Declares --debug and --verbose for the help text; main() reads them from sys.argv before any command runs."""
 
 
 @app.command()
@@ -237,6 +242,24 @@ def score(
 
 
 @app.command()
+def report(
+    truth: Annotated[Path, typer.Option(help="Truth CSV (submission layout).")],
+    pred: Annotated[Path, typer.Option(help="Prediction CSV whose mistakes the report shows.")],
+    out: Annotated[Path, typer.Option(help="Report folder to write (index.html, figures.json, thumbs/).")],
+    probs: Annotated[Path | None, typer.Option(help="The prediction's probabilities (predict --probs).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder of the truth rows' images, for thumbnails.")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="taxonomy.json (default: inferred from truth).")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(
+        help="Another submission on the same rows, shown side by side (repeat the option).")] = None,
+) -> None:
+    """Write an error-analysis page: per-attribute confusion, per-value P/R/F1, mistakes as pictures."""
+    from vlmtax.report import report as run
+
+    index = run(truth=truth, pred=pred, out=out, probs=probs, images=images, taxonomy=taxonomy, compare=compare or [])
+    typer.echo(f"report written: {index}")
+
+
+@app.command()
 def tune(
     probs: Annotated[list[Path], typer.Argument(
         help="Validation probabilities (predict --probs), one per model.", metavar="PROBS.jsonl")],
@@ -253,6 +276,8 @@ def tune(
     min_share: Annotated[float, typer.Option(help="Keep tau > 0 only if it wins this share of resamples.")] = 0.9,
     select: Annotated[bool, typer.Option(help="Use the best single model when the tuned ensemble does not beat it "
                                          "by k-fold estimate (--no-select: always the ensemble).")] = True,
+    max_points: Annotated[int, typer.Option(help="Most ensemble weight points a fit tries; a larger simplex grid "
+                                            "is searched by a seeded random sample of this many.")] = 2000,
     seed: int = 0,
 ) -> None:
     """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
@@ -265,7 +290,7 @@ def tune(
         raise VlmtaxError(f"--taus {taus!r} is not a comma-separated list of numbers", "e.g. --taus 0,0.5,1") from None
     run(probs, truth=truth, out=out, taxonomy=taxonomy, settings=Settings(
         weights_by=weights_by, weight_step=weight_step, taus=tau_list, temperature=temperature, folds=folds,
-        bootstrap=bootstrap, min_share=min_share, seed=seed, select=select))
+        bootstrap=bootstrap, min_share=min_share, seed=seed, select=select, max_points=max_points))
 
 
 @app.command()
@@ -300,17 +325,23 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """
     from vlmtax.demo import demo as run
 
-    run(workdir, family=family.value)
+    with library_output(Path(workdir) / "demo.log"):  # the libraries' output of every stage but sft's
+        run(workdir, family=family.value)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit 0 on success, 2 with one `error:` line for bad input, 130 when interrupted."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    set_verbose("--verbose" in args)
+    verb = next((a for a in args if not a.startswith("-")), "vlmtax")
     try:
         # standalone_mode=False: errors come back here to be printed as one line. Typer then turns Ctrl-C into
         # a returned exit code 130 (and click's own handling into "Aborted!").
-        code = app(args=args, prog_name="vlmtax", standalone_mode=False)
+        # the libraries' output to a log file; not for --help, which imports none of them and stays fast
+        quiet = "--help" not in args and verb != "vlmtax"
+        with library_output(command_log(verb), mode="w") if quiet else contextlib.nullcontext():
+            code = app(args=args, prog_name="vlmtax", standalone_mode=False)
         if code == 130:
             _interrupted()
         if isinstance(code, int) and code:

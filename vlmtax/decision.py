@@ -65,11 +65,30 @@ def combine(probs: np.ndarray, weights: np.ndarray, temperatures: np.ndarray | N
     return np.tensordot(np.asarray(weights, float) / np.sum(weights), probs, axes=1)
 
 
+def prior_of(counts: list[float]) -> np.ndarray:
+    """The training frequency of each value, as `decide` divides by it. A value never seen in training (declared,
+    count 0) counts as the rarest seen one: a zero prior would make it win every row once tau > 0. No count at
+    all (a category without training rows) gives the uniform prior, which corrects nothing."""
+    prior = np.asarray(counts, float)
+    seen = prior[prior > 0]
+    if not len(seen):
+        return np.full(len(prior), 1 / max(len(prior), 1))
+    prior = np.where(prior > 0, prior, seen.min())
+    return prior / prior.sum()
+
+
 def decide(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
     """argmax_v p(v|x) / prior(v)^tau; tau = 0 is the plain argmax (first value on ties)."""
     if tau == 0:
         return probs.argmax(axis=-1)
-    return (np.log(np.maximum(probs, _TINY)) - tau * np.log(prior)).argmax(axis=-1)
+    return (np.log(np.maximum(probs, _TINY)) - tau * np.log(prior_floor(prior))).argmax(axis=-1)
+
+
+def prior_floor(prior: np.ndarray) -> np.ndarray:
+    """A declared value never seen in training (prior 0) counts as rare as the rarest seen one: -tau*log(0) is
+    +inf, and that value would win every row for any tau > 0."""
+    seen = prior[prior > 0]
+    return np.maximum(prior, seen.min()) if len(seen) else np.full_like(prior, 1.0 / max(len(prior), 1), float)
 
 
 def score_attr(data: AttrData, pred: np.ndarray, rows: np.ndarray | None = None) -> float:
@@ -89,13 +108,40 @@ def simplex_grid(n_models: int, step: float) -> np.ndarray:
     return grid[np.argsort(np.abs(grid - 1 / n_models).sum(axis=1), kind="stable")]
 
 
+def simplex_size(n_models: int, step: float) -> int:
+    """Points of `simplex_grid(n_models, step)`, without building it: C(1/step + n - 1, n - 1)."""
+    from math import comb
+
+    return comb(round(1 / step) + n_models - 1, n_models - 1)
+
+
+def simplex_sample(n_models: int, step: float, points: int, seed: int) -> np.ndarray:
+    """`points` weight vectors on the simplex grid, for when the full grid is too large: the even one first
+    (ties go to it), each model alone, then uniform (Dirichlet(1)) draws snapped to the grid step, no repeats."""
+    parts = round(1 / step)
+    picked = {tuple(c): None for c in np.eye(n_models, dtype=int) * parts}
+    even = np.full(n_models, parts // n_models)
+    even[: parts - even.sum()] += 1
+    picked = {tuple(even): None, **picked}
+    rng = np.random.default_rng(seed)
+    while len(picked) < points:
+        for w in rng.dirichlet(np.ones(n_models), points):
+            c = np.floor(w * parts).astype(int)
+            c[np.argsort(w * parts - c)[::-1][: parts - c.sum()]] += 1  # largest remainders round up
+            picked.setdefault(tuple(c), None)
+            if len(picked) >= points:
+                break
+    return np.array(list(picked), float) / parts
+
+
 def score_table(data: AttrData, grid: np.ndarray, taus: list[float], temperatures: np.ndarray,
                 rows: np.ndarray | None = None) -> np.ndarray:
     """(weights, taus) -> attribute score on `rows`."""
     probs = data.probs if rows is None else data.probs[:, rows]
+    probs = np.stack([temper(p, t) for p, t in zip(probs, temperatures)])  # once, not once per grid point
     out = np.zeros((len(grid), len(taus)))
     for i, w in enumerate(grid):
-        pooled = combine(probs, w, temperatures)
+        pooled = combine(probs, w)
         for j, tau in enumerate(taus):
             out[i, j] = score_attr(data, decide(pooled, data.prior, tau), rows)
     return out

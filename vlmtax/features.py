@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vlmtax.backbone import Encoder, process_images
-from vlmtax.fileio import atomic_path, file_sha256, write_json
+from vlmtax.fileio import file_sha256, save_safetensors, write_json
 from vlmtax.progress import progress_iter
 from vlmtax.timm_backbone import MARKER as TIMM_MARKER
 from vlmtax.tiny_model import MARKER as TINY_MARKER
@@ -64,12 +64,9 @@ class FeatureCache:
         return found
 
     def save(self, keys: list[str], feats: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"shard-{hashlib.sha256(''.join(keys).encode()).hexdigest()[:16]}"
-        with atomic_path(self.dir / f"{name}.safetensors") as tmp:
-            save_file({"features": feats.contiguous()}, str(tmp))
+        save_safetensors({"features": feats.contiguous()}, self.dir / f"{name}.safetensors")
         write_json(self.dir / f"{name}.json", keys, indent=None)  # written last: its presence marks a whole shard
 
 

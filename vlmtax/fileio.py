@@ -93,8 +93,9 @@ def read_json(path: str | Path, what: str) -> Any:
         raise VlmtaxError(f"{what} {path} is not valid JSON ({exc})", "regenerate or fix the file") from None
 
 
-def _first_long_row(path: Path) -> str:
-    """Where the first over-long row is (only called once pandas has warned, so speed does not matter)."""
+def _first_long_row(path: Path, first_only: bool = False) -> str | None:
+    """Where the first over-long row is (a full scan only once pandas has warned, so speed does not matter);
+    `first_only`: look at the first data row alone, None when it fits the header."""
     import csv
 
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
@@ -103,7 +104,9 @@ def _first_long_row(path: Path) -> str:
         for row in reader:
             if len(row) > width:
                 return f"first at line {reader.line_num}: {len(row)} fields, header has {width}"
-    return "header shorter than the data"
+            if first_only:
+                return None
+    return None if first_only else "header shorter than the data"
 
 
 def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
@@ -116,12 +119,22 @@ def read_csv(path: str | Path, what: str, required: list[str]) -> pd.DataFrame:
             warnings.simplefilter("always", pd.errors.ParserWarning)
             # index_col=False: without it a row with one field too many silently shifts every column.
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], index_col=False)
-        if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
-            raise VlmtaxError(f"{what} {path} has row(s) with more fields than its header ({_first_long_row(path)})",
+        # pandas takes one extra, empty field on the FIRST data row for a trailing delimiter and drops it
+        # without a warning ("red, cotton" then shifts that row), so the first row is counted here.
+        where = _first_long_row(path, first_only=True)
+        if where is not None or any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+            raise VlmtaxError(f"{what} {path} has row(s) with more fields than its header "
+                              f"({where or _first_long_row(path)})",
                               "quote values that contain commas, or remove the extra fields")
     except pd.errors.EmptyDataError:
         raise VlmtaxError(f"{what} {path} is empty", "pass a CSV with a header and at least one row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except pd.errors.ParserError as exc:
+        if "Expected" in str(exc) and "fields" in str(exc):  # a later row with a field too many
+            raise VlmtaxError(f"{what} {path} has row(s) with more fields than its header ({_first_long_row(path)})",
+                              "quote values that contain commas, or remove the extra fields") from None
+        raise VlmtaxError(f"{what} {path} cannot be parsed: {first_line(exc)}",
+                          "check that it is a comma-separated CSV") from None
+    except UnicodeDecodeError as exc:
         raise VlmtaxError(f"{what} {path} cannot be parsed: {first_line(exc)}",
                           "check that it is a comma-separated CSV") from None
     missing = [c for c in required if c not in frame.columns]
@@ -197,4 +210,56 @@ def os_error(exc: OSError, path: str | Path | None = None) -> VlmtaxError:
              errno.EISDIR: "the path is a folder: pass a file path",
              errno.ENAMETOOLONG: "use a shorter path"}
     reason = exc.strerror or str(exc)
-    return VlmtaxError(f"cannot write {where}: {reason}", fixes.get(exc.errno, "check the path and the disk"))
+    # An error from a write call on an open file names no path (the system gives none): say so, not "None".
+    what = f"cannot write {where}" if where is not None else "a write failed"
+    err = VlmtaxError(f"{what}: {reason}", fixes.get(exc.errno, "check the path and the disk"))
+    err.errno = exc.errno  # type: ignore[attr-defined]  # sft undoes a run's writes on a full disk
+    return err
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path) -> None:
+    """safetensors' save_file, atomically; its own error for a failed write (a full disk) becomes os_error's
+    one line (safetensors raises SafetensorError, not OSError, with the system's errno in its message)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as exc:
+            raise os_error(safetensor_os_error(exc), path) from None
+
+
+def safetensor_os_error(exc: Exception) -> OSError:
+    """The OSError behind a SafetensorError raised by a write ("... (os error 28)"), for os_error's one line."""
+    import re
+
+    code = re.search(r"os error (\d+)", str(exc))
+    number = int(code.group(1)) if code else None
+    return OSError(number, os.strerror(number) if number else first_line(exc))
+
+
+def disk_full(exc: BaseException, path: str | Path) -> VlmtaxError | None:
+    """The one-line error for a write under `path` that failed for want of space, else None. Such writes fail
+    as OSError (open/write), SafetensorError (safetensors: checkpoints, heads), RuntimeError (torch.save, e.g.
+    a Trainer's optimizer state) or as os_error's own line from an atomic write."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    full = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, VlmtaxError):
+        return exc if getattr(exc, "errno", None) in full else None
+    if isinstance(exc, SafetensorError):
+        exc = safetensor_os_error(exc)
+    elif isinstance(exc, RuntimeError) and "file write failed" in str(exc):  # torch's PytorchStreamWriter
+        exc = OSError(errno.ENOSPC, "file write failed (a full disk?)")
+    return os_error(exc, path) if isinstance(exc, OSError) and exc.errno in full else None
+
+
+def remove_new_entries(folder: Path, before: set[str] | None) -> None:
+    """Remove what was added to `folder` since its entries were `before` (all of it, when it did not exist)."""
+    if not folder.is_dir():
+        return
+    for path in [folder] if before is None else [p for p in folder.iterdir() if p.name not in before]:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -15,15 +15,40 @@ import torch
 
 from vlmtax.backbone import load_encoder, load_image_processor, process_images
 from vlmtax.classify import BACKBONE_WEIGHTS, CLASSIFIER_FILE, HEADS_WEIGHTS, KNN_BANK
-from vlmtax.errors import VlmtaxError
+from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.heads import Heads, HeadSpec, head_probabilities, layout_matches, load_heads_state
-from vlmtax.loading import run_roots
+from vlmtax.loading import DTYPES, gpu_precision, run_roots
+from vlmtax.meta import META_FILE
 from vlmtax.taxonomy import Category, Taxonomy
+
+
+def run_precision(root: Path, spec: dict, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(backbone load dtype, autocast dtype) that repeat training's numerics on `device`: frozen features came from
+    a backbone in the run's precision, a trained backbone and the heads ran in fp32 under that precision's
+    autocast. fp32 on the CPU (where training ran in fp32 too)."""
+    meta = root / META_FILE
+    trained = json.loads(meta.read_text(encoding="utf-8")).get("precision") if meta.is_file() else None
+    precision = gpu_precision(trained, device)
+    if precision == "fp32":
+        return torch.float32, None
+    return (torch.float32 if spec.get("trained_backbone") else DTYPES[precision]), DTYPES[precision]
 
 
 def heads_run_root(path: str | Path) -> Path | None:
     """The run folder holding classifier.json for a classify run (or one of its checkpoints), else None."""
     return next((p for p in run_roots(Path(path)) if (p / CLASSIFIER_FILE).is_file()), None)
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """A classify run's weights file; a missing, empty or truncated one is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load
+
+    try:
+        return load(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise VlmtaxError(f"weights file {path} of the classify run is damaged or missing ({first_line(exc)})",
+                          "restore the file from a copy of the run, or re-run sft") from None
 
 
 @dataclass
@@ -36,8 +61,6 @@ class HeadsResult:
 
 class HeadsPredictor:
     def __init__(self, run_dir: str | Path, taxonomy: Taxonomy, device: str | None = None):
-        from safetensors.torch import load_file
-
         root = heads_run_root(run_dir)
         if root is None:
             raise VlmtaxError(f"{run_dir} is not a classify run (no {CLASSIFIER_FILE})",
@@ -52,17 +75,18 @@ class HeadsPredictor:
         self.spec, self.forward_calls = spec, 0
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = load_image_processor(root, spec.get("trust_remote_code", False))
-        self.encoder = load_encoder(spec["backbone"], torch.float32, spec.get("trust_remote_code", False))
+        dtype, self.autocast = run_precision(root, spec, self.device)
+        self.encoder = load_encoder(spec["backbone"], dtype, spec.get("trust_remote_code", False))
         if spec.get("trained_backbone"):
-            self.encoder.load_state_dict(load_file(str(root / BACKBONE_WEIGHTS)))
+            self.encoder.load_state_dict(load_file(root / BACKBONE_WEIGHTS))
         self.encoder.to(self.device).eval()
         if self.encoder.kind.channels_last:  # convolutional backbones run faster so (bench/heads.py measures it)
             self.encoder.to(memory_format=torch.channels_last)
         if spec["kind"] == "knn":
-            self.bank, self.heads = load_file(str(root / KNN_BANK)), None
+            self.bank, self.heads = load_file(root / KNN_BANK), None
         else:
             self.heads = Heads(self.layout, spec["dim"], spec["kind"], spec["width"], spec["dropout"], spec["trunk"])
-            load_heads_state(self.heads, load_file(str(root / HEADS_WEIGHTS)))
+            load_heads_state(self.heads, load_file(root / HEADS_WEIGHTS))
             self.heads.to(self.device).eval()
 
     @torch.inference_mode()
@@ -71,13 +95,14 @@ class HeadsPredictor:
         from vlmtax.knn import knn_probabilities
 
         inputs = process_images(self.processor, images)
-        features = self.encoder(**{k: v.to(self.device) for k, v in inputs.items()})
         cats = torch.tensor([self.categories.index(c) for c in categories], device=self.device)
         self.forward_calls += 1
-        if self.heads is None:
-            return knn_probabilities(self.bank, self.layout, self.categories, self.spec["k"], features.cpu(),
-                                     cats.cpu())
-        return head_probabilities(self.heads, features, cats)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            features = self.encoder(**{k: v.to(self.device) for k, v in inputs.items()})
+            if self.heads is None:
+                return knn_probabilities(self.bank, self.layout, self.categories, self.spec["k"], features.cpu(),
+                                         cats.cpu())
+            return head_probabilities(self.heads, features, cats)
 
     def decode(self, images: list, categories: list[Category]) -> list[HeadsResult]:
         """The most probable allowed value per attribute (ties: the taxonomy's order, most frequent first)."""

@@ -1,6 +1,7 @@
 """The kNN route (seed 002; the Meesho 0.778 baseline): frozen features, a cosine k-nearest-neighbour vote.
 
-Fitting stores every labelled row's L2-normalised features (train and val) as the bank. A query is
+Fitting stores the training rows' L2-normalised features as the bank; never the validation rows: tune
+predicts val.csv, where each row would find itself (cosine 1) and vote for its own label. A query is
 compared with the bank rows of its own category only; each of its k nearest neighbours votes for its
 label with weight (1 + cosine) / 2, and a value's probability is its share of the votes. Neighbours
 whose label is missing do not vote; with no vote at all, the training value frequencies stand in.
@@ -23,11 +24,9 @@ def fit_knn(recipe: Any, data: Any, encoder: Any, processor: Any) -> dict[str, t
 
     cache = FeatureCache(recipe.heads.cache_dir or default_cache_dir(),
                          backbone_fingerprint(recipe.model, processor, next(encoder.parameters()).dtype))
-    feats, _ = cached_features(encoder, processor, data.train.images + data.val.images, cache,
-                               recipe.heads.extract_batch_size)
-    return {"features": torch.nn.functional.normalize(feats.float(), dim=-1),
-            "labels": torch.cat([data.train.labels, data.val.labels]),
-            "categories": torch.tensor(data.train.categories + data.val.categories, dtype=torch.long)}
+    feats, _ = cached_features(encoder, processor, data.train.images, cache, recipe.heads.extract_batch_size)
+    return {"features": torch.nn.functional.normalize(feats.float(), dim=-1), "labels": data.train.labels,
+            "categories": torch.tensor(data.train.categories, dtype=torch.long)}
 
 
 def _neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ always runs on a plain model: an adapter is folded into a fresh 16/32-bit load o
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,10 @@ def inspect_model_dir(path: str | Path) -> ModelDir:
         return ModelDir(path=path, kind="adapter", meta=meta, base=_resolve_base(str(base), path))
     if (path / "config.json").is_file():
         return ModelDir(path=path, kind="weights", meta=meta, base=None)
+    if meta.get("task") == "classify":
+        raise VlmtaxError(f"{path} is a classify run (its {META_FILE} says task: classify) but classifier.json, "
+                          "which describes its heads, is missing",
+                          "restore classifier.json from the run, or re-run sft")
     raise VlmtaxError(f"{path} holds neither an adapter ({ADAPTER_CONFIG}) nor model weights (config.json)",
                       "pass a finished `vlmtax sft` run dir, a `vlmtax merge` output or a model folder")
 
@@ -167,6 +172,33 @@ def default_device(device: str | None = None) -> torch.device:
             raise VlmtaxError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible",
                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def training_device(hw: Hardware) -> torch.device:
+    """This process's device in training: the GPU of its LOCAL_RANK under a launcher (accelerate, torchrun set
+    it before the script runs), cuda:0 alone, the CPU without a GPU. A bare "cuda" put every rank on GPU 0."""
+    if not hw.cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def useful_processes(requested: int, work: int, unit: str, what: str, device: str | None = None) -> int:
+    """`--num-processes` capped at what can help: one process per GPU (per CPU core without one, or with
+    `device` cpu) and per unit of `work` (batches, records); a cap is said in one line. Below 1 is an error."""
+    import sys
+
+    gpus = device != "cpu" and torch.cuda.is_available()
+    if requested < 1:
+        raise VlmtaxError(f"--num-processes {requested} is not positive", "use 1 or more")
+    devices = torch.cuda.device_count() if gpus else len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limits = {f"{devices} {'GPU' if gpus else 'CPU core'}{'s' if devices != 1 else ''}": devices,
+              f"{work} {unit}{'' if work == 1 else 'es' if unit.endswith(('ch', 's')) else 's'}": work}
+    cap = max(1, min(requested, *limits.values()))
+    if cap < requested:
+        why = ", ".join(k for k, v in limits.items() if v == cap)
+        sys.stderr.write(f"{what}: --num-processes {requested} capped at {cap} ({why})\n")
+    return cap
 
 
 def load_weights(source: str | Path, dtype: torch.dtype, what: str = "model", trust_remote_code: bool = False,
@@ -273,7 +305,11 @@ def load_processor(path: str | Path, fallback: str | None = None, padding_side: 
     else:
         first = first_line(last) if last is not None and str(last).strip() else "no processor files"
         raise VlmtaxError(f"cannot load a processor from {path}: {first}", "the folder needs its processor files")
-    tok = processor.tokenizer
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None:  # an image processor alone: a vision encoder (CLIP, SigLIP, timm), not a VLM
+        raise VlmtaxError(f"{path} is a vision encoder ({type(processor).__name__}, no tokenizer), not a "
+                          "vision-language model", "set `task: classify` to train heads on it, or point model: at "
+                          f"a VLM of: {supported()}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if padding_side:

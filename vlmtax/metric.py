@@ -104,6 +104,8 @@ class MetricResult:
     taxonomy: Taxonomy = field(repr=False)
     # (category, column) -> (true labels, predicted labels) of the scored cells, for confusion matrices.
     pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    # (category, column) -> the truth ids of those cells, in the same order (for galleries of mistakes).
+    ids: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     def category(self, name: str) -> CategoryScore:
         for c in self.categories:
@@ -243,6 +245,8 @@ def compute_metric(truth: pd.DataFrame, pred: pd.DataFrame, taxonomy: Taxonomy |
 
     categories: list[CategoryScore] = []
     pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    cell_ids: dict[tuple[str, str], np.ndarray] = {}
+    t_ids_arr = t["id"].to_numpy(dtype=object)
     for cat in tax.categories.values():
         rows = t_cat == cat.name
         if not rows.any():
@@ -269,13 +273,14 @@ def compute_metric(truth: pd.DataFrame, pred: pd.DataFrame, taxonomy: Taxonomy |
                 out_of_vocab=oov / len(real) if len(real) else None, no_prediction=int((bad | empty).sum()),
             ))
             pairs[(cat.name, attr.column)] = (y_true, y_pred)
+            cell_ids[(cat.name, attr.column)] = t_ids_arr[rows][present]
         kept = [a.score for a in scores if a.score is not None]
         categories.append(CategoryScore(cat.name, int(rows.sum()), float(np.mean(kept)) if kept else None, scores))
     kept = [c.score for c in categories if c.score is not None]
     if not kept:
         raise VlmtaxError("the truth holds no label to score (every attribute cell is empty or the filler)",
                           "pass a truth CSV with labels in attr_1..attr_len")
-    return MetricResult(float(np.mean(kept)), categories, checks, tax, pairs)
+    return MetricResult(float(np.mean(kept)), categories, checks, tax, pairs, cell_ids)
 
 
 def constant_prediction(

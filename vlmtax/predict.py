@@ -64,6 +64,9 @@ def plan_rows(frame: pd.DataFrame, taxonomy: Taxonomy, images: Path, image_patte
         rows.append(row)
         if row.category is None:
             row.reject = ("unknown_category", f"{cat_text!r} is not in the taxonomy")
+        elif not row.category.trained():
+            # The model never saw this category: its slots can only hold the filler, which is no prediction.
+            row.reject = ("untrained_category", f"no training row of {cat_text!r} held a label")
         elif reject:
             row.reject = reject
         elif not row.image.is_file():
@@ -226,8 +229,6 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
         raise VlmtaxError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise VlmtaxError(f"--batch-size {batch_size} is not positive", "use 1 or more")
-    if num_processes < 1:
-        raise VlmtaxError(f"--num-processes {num_processes} is not positive", "use 1 or more")
     if probs is not None and mode != "constrained":
         raise VlmtaxError("--probs needs --mode constrained", "drop --probs or use constrained decoding")
     if probs is not None and Path(probs).resolve() == out.resolve():
@@ -239,6 +240,11 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
             "batch_size": batch_size, "probs": probs, "mode": mode, "image_pattern": image_pattern, "dtype": dtype,
             "device": device}
     launched, saved = None, set()
+    if launched_share() is None:
+        from vlmtax.loading import useful_processes
+
+        rows = len(read_csv(csv, "test CSV", ["id", "Category"])) if num_processes > 1 else 1
+        num_processes = useful_processes(num_processes, math.ceil(rows / batch_size), "batch", "predict", device)
     if num_processes > 1 and launched_share() is None:
         other_partials(out, num_processes)
         saved = saved_rows(out, num_processes)
@@ -263,6 +269,9 @@ def _plan(args: dict[str, Any]) -> tuple[Path | None, Taxonomy, list[Row], list[
     if heads_root is not None and mode != "constrained":
         raise VlmtaxError(f"{model} is a classify run: its heads only ever give allowed values",
                           "drop --mode free (classify runs predict with the default mode)")
+    if heads_root is not None and args["template"] is not None:
+        raise VlmtaxError(f"{model} is a classify run: its heads answer without a prompt or answer template",
+                          "drop --template (it applies to generate runs)")
     vlm_path = inspect_model_dir(model).path if heads_root is None else None
     tax = load_taxonomy(model, args["taxonomy"], args["template"])
     frame = read_csv(csv, "test CSV", ["id", "Category"])

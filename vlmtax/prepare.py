@@ -9,6 +9,7 @@ split, write (prepare_write.py).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ def prepare(
     """Prepare a catalogue for fine-tuning; returns the report (also written as report.json)."""
     csv, images, out = Path(csv), Path(images), Path(out)
     _check_options(format, missing, verify_images, val_fraction, images)
+    if max_pixels < min_pixels:  # 0 or below divides by zero in the token count
+        raise VlmtaxError(f"--max-pixels {max_pixels} is below the smallest image budget ({min_pixels} pixels)",
+                          f"use at least {min_pixels}, e.g. the default 262144")
     if map_unknown not in MAP_UNKNOWN:
         raise VlmtaxError(f"unknown --map-unknown rule {map_unknown!r}", f"use one of {', '.join(MAP_UNKNOWN)}")
     guard_outputs({"--csv": csv, "--images": images, "--attributes": attributes, "--model": model,
@@ -124,7 +128,8 @@ def prepare(
         raise all_rejected(rejects, out, images, image_pattern)
     train, val, kept, val_rows = _split(format, rows, taxonomy, records_meta, paths, n_tokens, val_fraction, seed)
     report = build_report(frame, taxonomy, verdicts.reasons, kept, val_rows, filled_counts, missing, n_tokens)
-    report.update(train_records=len(train), val_records=len(val), rejected=len(rejects))
+    report.update(train_records=len(train), val_records=len(val), rejected=len(rejects),
+                  untrained_categories=_untrained(taxonomy))
     meta = {**fingerprint, "vlmtax": __version__, "format": format, "missing": missing, "filler": filler,
             "val_fraction": val_fraction, "seed": seed, "images": str(images.resolve()),
             "image_pattern": image_pattern, "verify_images": verify_images,
@@ -132,6 +137,18 @@ def prepare(
             "max_pixels": max_pixels, "min_pixels": min_pixels, "max_length": max_length}
     write_dataset(out, format, train, val, report, taxonomy, frame.iloc[val_rows], rejects, meta)
     return report
+
+
+def _untrained(taxonomy: Taxonomy) -> list[str]:
+    """Categories no training row labels: said in one warning line (predict rejects their test rows)."""
+    untrained = [c.name for c in taxonomy.categories.values() if not c.trained()]
+    if untrained:
+        one = len(untrained) == 1
+        print(f"warning: {len(untrained)} categor{'y' if one else 'ies'} of the attribute file "
+              f"{'has' if one else 'have'} no labelled training row ({', '.join(untrained[:5])}"
+              f"{', ...' if len(untrained) > 5 else ''}): a model cannot learn them, and predict rejects their "
+              "test rows as untrained_category", file=sys.stderr, flush=True)
+    return untrained
 
 
 def _check_options(format: str, missing: str, verify_images: str, val_fraction: float, images: Path) -> None:

@@ -19,7 +19,7 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def _enabled() -> bool:
+def progress_enabled() -> bool:
     flag = os.environ.get("VLMTAX_PROGRESS")
     if flag is not None:
         return flag not in ("0", "false", "")
@@ -37,7 +37,7 @@ def make_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        disable=not _enabled(),
+        disable=not progress_enabled(),
         transient=False,
     )
 

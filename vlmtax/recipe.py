@@ -43,6 +43,9 @@ class ImageCfg(_Strict):
 class Train(_Strict):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, ge=1)
+    # A floor in optimiser steps: on a catalogue too small for `epochs` to reach it, training runs this many
+    # steps instead (more epochs). A budget in epochs of one catalogue learns nothing on a smaller one.
+    min_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(1.0e-4, gt=0)
@@ -120,6 +123,15 @@ class Heads(_Strict):
     extract_batch_size: int = Field(64, ge=1)
     cpu_threads: int | None = Field(None, ge=1)  # torch CPU threads while training; null = torch's (frozen: 1)
 
+    @field_validator("attribute_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        # A negative weight maximises that attribute's loss, zero or NaN silently drops or poisons it.
+        bad = {k: w for k, w in v.items() if not (w > 0 and w != float("inf"))}
+        if bad:
+            raise ValueError(f"weights must be positive finite numbers, got {bad}")
+        return v
+
 
 class Recipe(_Strict):
     task: Literal["generate", "classify"] = "generate"
@@ -160,9 +172,26 @@ def _suggest(loc: tuple, model: type[BaseModel]) -> str:
         f"valid keys here: {', '.join(fields)}")
 
 
+def _check_route_keys(recipe: Recipe, source: str) -> None:
+    """Keys one route reads and the other would silently ignore."""
+    if recipe.task == "generate" and "heads" in recipe.model_fields_set:
+        raise VlmtaxError(f"{source}: heads.* configures the classify route, but the recipe has task: generate "
+                          "(the default), which would ignore it and train a VLM",
+                          "add `task: classify` to train heads on a vision backbone, or remove the heads block")
+    if recipe.task == "classify":
+        t = recipe.train
+        for key, given, why in (
+                ("train.packing", t.packing, "classify batches hold images, not token sequences"),
+                ("train.cache_vision", t.cache_vision, "heads.mode=frozen caches features itself (heads.cache_dir)"),
+                ("train.extra", t.extra, "the classify trainer takes only the recipe's own keys")):
+            if given:
+                raise VlmtaxError(f"{source}: {key} is for the generate route; task: classify would ignore it",
+                                  f"remove {key} ({why})")
+
+
 def _validate(data: dict[str, Any], source: str) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
@@ -171,6 +200,8 @@ def _validate(data: dict[str, Any], source: str) -> Recipe:
         if err["type"] == "missing":
             raise VlmtaxError(f"{source}: recipe key {key!r} is required", f"add `{key}: ...` to the recipe") from None
         raise VlmtaxError(f"{source}: recipe key {key!r}: {err['msg']}", "see docs/recipes.md") from None
+    _check_route_keys(recipe, source)
+    return recipe
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -219,4 +250,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    # A generate run's recipe.yaml leaves out the heads block, so that it loads again as a recipe.
+    exclude = {"heads"} if recipe.task == "generate" else None
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -18,6 +18,15 @@ from vlmtax.errors import VlmtaxError
 from vlmtax.taxonomy import Taxonomy
 
 
+def check_data_dir(data: Path) -> None:
+    """The prepared data a recipe names is there (both routes read train.json and taxonomy.json)."""
+    if not data.is_dir():
+        raise VlmtaxError(f"data dir {data} not found", "run `vlmtax prepare` and point `data:` at its --out")
+    for name in ("train.json", "taxonomy.json"):
+        if not (data / name).is_file():
+            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+
+
 def record_prompt_answer(rec: dict[str, Any]) -> tuple[str, str]:
     """The user prompt and assistant answer of a ShareGPT or Alpaca record."""
     if "messages" in rec:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -34,11 +35,13 @@ def score(
     plot: str | Path | None = None,
     baseline: str | Path | None = None,
     console: Console | None = None,
+    detail: bool = True,
 ) -> dict[str, Any]:
     """Score `pred` against `truth`; print tables, optionally write JSON and a PNG; return the report.
 
     `baseline` is an optional training CSV whose per-attribute modes define the constant baseline;
-    without it the taxonomy's modes are used, or, with no taxonomy, the truth's own modes.
+    without it the taxonomy's modes are used, or, with no taxonomy, the truth's own modes. `detail=False`
+    prints the per-category table alone (the JSON and the plot keep every figure): the demo's terminal.
     """
     guard_outputs({"--truth": truth, "--pred": pred, "--taxonomy": taxonomy, "--baseline": baseline},
                   {"--json": json_out, "--plot": plot})
@@ -50,25 +53,35 @@ def score(
     truth_df = read_csv(truth, "truth CSV", ["id", "Category"])
     pred_df = read_csv(pred, "prediction CSV", ["id", "Category"])
     tax = Taxonomy.load(taxonomy) if taxonomy is not None else None
-    result = compute_metric(truth_df, pred_df, tax)
-    modes = None
+    base_df = read_csv(baseline, "baseline training CSV", ["Category"]) if baseline is not None else None
+    result, base, source = score_frames(truth_df, pred_df, tax, base_df)
     if baseline is not None:
-        modes = modes_from_frame(read_csv(baseline, "baseline training CSV", ["Category"]), result.taxonomy)
         source = f"modes of {baseline}"
-    else:
-        source = "taxonomy modes" if tax is not None else "truth modes"
-    # Scored with the resolved taxonomy so that both runs use the same attributes and vocabularies.
-    base = compute_metric(truth_df, constant_prediction(truth_df, result.taxonomy, modes), result.taxonomy)
-
     report = build_report(result, base, baseline_source=source)
     report.update(truth=str(truth), pred=str(pred), taxonomy=None if taxonomy is None else str(taxonomy))
     # Wide tables when logged to a file: rich draws 80 columns off a terminal, eliding most cells.
-    print_report(result, base, console or Console(width=None if sys.stdout.isatty() else 160))
+    print_report(result, base, console or Console(width=None if sys.stdout.isatty() else 160), detail)
     if json_out is not None:
         write_json(json_out, report)
     if plot is not None:
         draw_plot(result, base, plot)
     return report
+
+
+def score_frames(truth: pd.DataFrame, pred: pd.DataFrame, taxonomy: Taxonomy | None,
+                 baseline: pd.DataFrame | None = None) -> tuple[MetricResult, MetricResult, str]:
+    """The model's metric, the constant baseline's (on the same resolved taxonomy) and where its modes came
+    from: what `score` prints and `report` draws, so that both show the same numbers."""
+    result = compute_metric(truth, pred, taxonomy)
+    modes = None
+    if baseline is not None:
+        modes = modes_from_frame(baseline, result.taxonomy)
+        source = "modes of the baseline training CSV"
+    else:
+        source = "taxonomy modes" if taxonomy is not None else "truth modes"
+    # Scored with the resolved taxonomy so that both runs use the same attributes and vocabularies.
+    base = compute_metric(truth, constant_prediction(truth, result.taxonomy, modes), result.taxonomy)
+    return result, base, source
 
 
 def build_report(result: MetricResult, base: MetricResult, baseline_source: str = "") -> dict[str, Any]:
@@ -99,7 +112,7 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.4f}"
 
 
-def print_report(result: MetricResult, base: MetricResult, console: Console) -> None:
+def print_report(result: MetricResult, base: MetricResult, console: Console, detail: bool = True) -> None:
     for line in result.checks.problems():
         console.print(f"[yellow]check:[/] {escape(line)}")
 
@@ -111,7 +124,12 @@ def print_report(result: MetricResult, base: MetricResult, console: Console) -> 
         cats.add_row(escape(cat.name), _fmt(cat.score), _fmt(base.category(cat.name).score), str(cat.rows),
                      str(len(cat.attributes) - len(cat.left_out)), escape(", ".join(cat.left_out)))
     console.print(cats)
+    if detail:
+        console.print(_attribute_table(result, base))
+    console.print(f"[bold]final score {result.final:.4f}[/] (constant baseline {base.final:.4f})")
 
+
+def _attribute_table(result: MetricResult, base: MetricResult) -> Table:
     attrs = Table(title="per attribute", title_justify="left", caption_justify="left",
                   caption="score: harmonic mean of micro- and macro-F1; oov: share of predictions outside "
                   "the vocabulary")
@@ -123,8 +141,7 @@ def print_report(result: MetricResult, base: MetricResult, console: Console) -> 
             label = attr.name if attr.name == attr.column else f"{attr.name} ({attr.column})"
             attrs.add_row(escape(cat.name), escape(label), _fmt(attr.micro), _fmt(attr.macro), _fmt(attr.score),
                           _fmt(battr.score), str(attr.support), _fmt(attr.out_of_vocab, pct=True))
-    console.print(attrs)
-    console.print(f"[bold]final score {result.final:.4f}[/] (constant baseline {base.final:.4f})")
+    return attrs
 
 
 def _confusion(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[list[str], np.ndarray]:

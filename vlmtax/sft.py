@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -21,10 +22,13 @@ import torch
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.families import Family, family_of, projector_modules, trainable_counts, wrapped_counts
 from vlmtax.families import lora_target_regex as family_target_regex
-from vlmtax.fileio import check_writable, guard_outputs, write_json
-from vlmtax.loading import DTYPES, Hardware, load_processor, load_weights, restore_full_weights
+from vlmtax.fileio import check_writable, disk_full, guard_outputs, remove_new_entries, write_json
+from vlmtax.loading import ADAPTER_WEIGHTS, DTYPES, Hardware, load_processor, load_weights, restore_full_weights
 from vlmtax.meta import META_FILE, files_hash, run_meta
 from vlmtax.recipe import Recipe, dump_recipe, load_recipe
+from vlmtax.records import check_data_dir
+from vlmtax.runlog import TRAIN_LOG, library_output
+from vlmtax.trainer_extra import check_loggers_installed
 
 
 def resolve_precision(recipe: Recipe, hw: Hardware) -> str:
@@ -63,13 +67,14 @@ def check_gpu_features(recipe: Recipe, hw: Hardware) -> None:
                 raise VlmtaxError(f"{module} is not installed", fix) from None
 
 
-def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Any:
-    """QLoRA: nf4 with double quantisation; the vision tower and the output layer stay in 16 bits."""
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype, family: Family) -> Any:
+    """QLoRA: nf4 with double quantisation; the vision tower (merger included) and the output layer stay in
+    16 bits. Skip names are full module paths: transformers matches them as a prefix or suffix, as a regex."""
     if recipe.quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["visual", "lm_head"]
+    skip = [re.escape(family.tower), "lm_head"]
     if recipe.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -87,11 +92,13 @@ def check_logging(recipe: Recipe) -> None:
     if recipe.log.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise VlmtaxError("log.tensorboard=true but tensorboard is not installed",
                           "pip install 'vlmtax[tensorboard]', or set log.tensorboard=false")
+    if recipe.train.extra.get("report_to"):
+        check_loggers_installed(recipe)
 
 
-def _skeleton(recipe: Recipe) -> Any:
-    """The model built on the meta device from its config: module names without loading a weight."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def _model_config(recipe: Recipe) -> Any:
+    """The recipe's model config, of a supported family, before any weight loads."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -99,6 +106,14 @@ def _skeleton(recipe: Recipe) -> Any:
         raise VlmtaxError(f"cannot read the model config in {recipe.model}: {first_line(exc)}",
                           "point model: at a model folder of a supported family") from None
     family_of(config, f"model {recipe.model}")
+    return config
+
+
+def _skeleton(recipe: Recipe) -> Any:
+    """The model built on the meta device from its config: module names without loading a weight."""
+    from transformers import AutoModelForImageTextToText
+
+    config = _model_config(recipe)
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config, trust_remote_code=recipe.trust_remote_code)
 
@@ -153,7 +168,8 @@ def load_model(recipe: Recipe, precision: str) -> tuple[Any, Any]:
     if not Path(source).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise VlmtaxError(f"model path {source} does not exist", "set model: to a local folder or a hub id")
     kwargs: dict[str, Any] = {}
-    quant = quantization_config(recipe, DTYPES[precision])
+    quant = (quantization_config(recipe, DTYPES[precision], family_of(_model_config(recipe)))
+             if recipe.quantization else None)
     if quant is not None:
         # bitsandbytes quantises onto the device the weights are loaded to: each rank its own GPU, not all GPU 0.
         kwargs.update(quantization_config=quant, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
@@ -198,10 +214,11 @@ def prepare_model(model: Any, recipe: Recipe, precision: str) -> Any:
                                    or (part == "projector" and recipe.freeze.projector))
         _report_parts("trainable tensors", trainable_counts(family, model))
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if recipe.quantization:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    # No prepare_model_for_kbit_training: it upcasts every 16-bit tensor left (embeddings, an untied lm_head,
+    # the tower) to fp32, about 2 GB on a 7B. get_peft_model freezes the base; the loop below upcasts only what
+    # trains; the Trainer turns on gradient checkpointing (use_reentrant=False needs no input-grad hook).
     model = get_peft_model(model, lora_config(recipe, model))
     counts = wrapped_counts(family, model)
     _report_parts("LoRA-wrapped linear layers (whole: trained as modules_to_save)", counts)
@@ -286,19 +303,47 @@ def _relaunch(recipe_path: Path, overrides: list[str], num_processes: int) -> No
 def sft(recipe_path: str | Path, overrides: list[str] | None = None, num_processes: int = 1) -> Path:
     """Fine-tune as the recipe says; returns the run dir."""
     recipe = load_recipe(recipe_path, overrides)
-    if num_processes > 1 and "VLMTAX_LAUNCHED" not in os.environ and "LOCAL_RANK" not in os.environ:
+    launched = "VLMTAX_LAUNCHED" in os.environ or "LOCAL_RANK" in os.environ
+    if not launched:
+        from vlmtax.loading import useful_processes
+        from vlmtax.records import load_records
+
+        if num_processes > 1:
+            check_data_dir(recipe.data)  # before counting its rows
+        rows = len(load_records(recipe.data, "train.json")) if num_processes > 1 else 1
+        num_processes = useful_processes(num_processes, math.ceil(rows / recipe.train.batch_size), "batch", "sft")
+    if num_processes > 1 and not launched:
+        # Every check that needs no weights, before spawning: each rank would otherwise print the same error.
         _output_dir_state(recipe)  # refuse a finished or interrupted run before spawning processes
         check_logging(recipe)
         check_lora_targets(recipe)
+        if recipe.task == "classify":
+            from vlmtax.classify import check_classify_recipe
+
+            check_classify_recipe(recipe)
         _relaunch(Path(recipe_path), list(overrides or []), num_processes)
         return recipe.output_dir
     return train(recipe)
 
 
 def train(recipe: Recipe, hw: Hardware | None = None) -> Path:
-    """Train either route in this process (one rank of a launched run, or the only process)."""
+    """Train either route in this process (one rank of a launched run, or the only process). The libraries'
+    logs, warnings and bars go to the run dir's train.log (vlmtax.runlog), not to the terminal."""
+    out = recipe.output_dir
+    before = {p.name for p in out.iterdir()} if out.is_dir() else None
     try:
-        return _train(recipe, hw or Hardware.detect())
+        with library_output(out / TRAIN_LOG):
+            return _train(recipe, hw or Hardware.detect())
+    except BaseException as exc:
+        failed = disk_full(exc, out)
+        if failed is not None and os.environ.get("RANK", "0") == "0":  # no half-written weights or checkpoint left
+            remove_new_entries(out, before)
+        if failed is not None:
+            raise VlmtaxError(f"{failed.problem}; {out} is left as it was before this run", failed.fix) from None
+        # a run refused before it began leaves no run dir behind, not even the log of its refusal
+        if before is None and out.is_dir() and [p.name for p in out.iterdir()] == [TRAIN_LOG]:
+            shutil.rmtree(out)
+        raise
     finally:
         close_process_group()
 
@@ -317,10 +362,7 @@ def _train(recipe: Recipe, hw: Hardware) -> Path:
         from vlmtax.classify import train_classify
 
         return train_classify(recipe, hw)
-    data = recipe.data
-    for name in ("train.json", "taxonomy.json"):
-        if not (data / name).is_file():
-            raise VlmtaxError(f"data dir {data} has no {name}", "run `vlmtax prepare` and point `data:` at its --out")
+    check_data_dir(recipe.data)
     precision = resolve_precision(recipe, hw)
     check_gpu_features(recipe, hw)
     check_logging(recipe)
@@ -346,11 +388,22 @@ def train_runtime(log_history: list[dict]) -> float | None:
     return next((h["train_runtime"] for h in reversed(log_history) if "train_runtime" in h), None)
 
 
+WEIGHT_FILES = (ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
+
+
 def save_run(trainer: Any, recipe: Recipe, processor: Any, precision: str) -> None:
     out = recipe.output_dir
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        # Trainer.save_model writes weights under FSDP only for FULL_STATE_DICT; SHARDED_STATE_DICT (fine for the
+        # checkpoints, which resume) left the run dir without weights. The final save gathers them whole.
+        plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
+    if not any((out / name).is_file() for name in WEIGHT_FILES):  # vlmtax_meta.json marks a run merge/predict load
+        raise VlmtaxError(f"training finished but saved no weights in {out} ({' or '.join(WEIGHT_FILES)})",
+                          "under FSDP use fsdp_state_dict_type: FULL_STATE_DICT, or resume from the last checkpoint")
     processor.save_pretrained(str(out))
     shutil.copyfile(recipe.data / "taxonomy.json", out / "taxonomy.json")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))

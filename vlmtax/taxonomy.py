@@ -56,6 +56,11 @@ class Category(BaseModel):
     def attribute_names(self) -> list[str]:
         return [a.name for a in self.attributes]
 
+    def trained(self) -> bool:
+        """Whether any training row gave it a label (a category of the attribute file with no rows, or only
+        empty labels, has just the filler as its values and nothing a model could have learned)."""
+        return not self.attributes or any(sum(a.counts.values()) > 0 for a in self.attributes)
+
 
 class Remap(BaseModel):
     """Swap two slots of one category (seed 000 moved Sarees colour from attr_4 to attr_1)."""

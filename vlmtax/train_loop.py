@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from vlmtax import packing, vision_cache
+from vlmtax import packing, train_console, vision_cache
 from vlmtax.collator import IGNORE, Collator, record_lengths
 from vlmtax.errors import VlmtaxError, first_line
 from vlmtax.evaluation import attach as attach_metric
@@ -19,10 +21,25 @@ from vlmtax.pixel_cache import pixel_cache
 from vlmtax.recipe import Recipe
 from vlmtax.records import load_records
 from vlmtax.taxonomy import Taxonomy
+from vlmtax.train_console import quiet_args
 from vlmtax.trainer_extra import extra_args, report_to
 
 
-class GuardedTrainer(SFTTrainer):
+class OwnOptimizer:
+    """A Trainer mixin that builds vlmtax's optimizer (LoRA+, the heads' two learning rates) inside
+    `create_optimizer`, the place the Trainer allows under FSDP: a passed-in optimizer is refused there
+    ("Passing `optimizers` is not allowed if PyTorch FSDP is enabled"), since it must see the sharded parameters
+    of the model that accelerate prepared, which is the `model` handed in here."""
+
+    build_optimizer: Any = None  # model -> torch.optim.Optimizer, or None for the Trainer's own AdamW
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.build_optimizer is not None:
+            self.optimizer = self.build_optimizer(self.model if model is None else model)
+        return super().create_optimizer(model)
+
+
+class GuardedTrainer(OwnOptimizer, SFTTrainer):
     """SFTTrainer whose loss projects only the answer positions onto the vocabulary, and that stops at
     the first non-finite loss with its likely cause instead of training on NaNs."""
 
@@ -107,13 +124,25 @@ class StartStep(TrainerCallback):
         self.step = state.global_step
 
 
-def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
+def planned_max_steps(t: Any, n_train: int | None) -> int:
+    """TrainingArguments.max_steps: train.max_steps, else train.min_steps where train.epochs over `n_train`
+    rows would take fewer optimiser steps (-1: the epochs decide)."""
+    if t.max_steps:
+        return t.max_steps
+    if not t.min_steps or not n_train:
+        return -1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = math.ceil(math.ceil(n_train / (t.batch_size * world)) / t.grad_accum)
+    return t.min_steps if per_epoch * t.epochs < t.min_steps else -1
+
+
+def training_args(recipe: Recipe, precision: str, has_eval: bool, n_train: int | None = None) -> SFTConfig:
     t = recipe.train
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     return SFTConfig(
         output_dir=str(recipe.output_dir),
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
+        max_steps=planned_max_steps(t, n_train),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -122,8 +151,8 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         use_liger_kernel=False,  # TRL's switch disables the fused loss for this trainer; sft patches liger itself
         seed=t.seed,
         bf16=precision == "bf16",
@@ -143,19 +172,20 @@ def training_args(recipe: Recipe, precision: str, has_eval: bool) -> SFTConfig:
         max_length=None,  # the collator never truncates; over-long records are errors
         ddp_find_unused_parameters=False if recipe.finetuning == "full" else None,
         **save,
-        **extra_args(recipe),
+        **{**quiet_args(), **extra_args(recipe)},  # train.extra may set disable_tqdm itself
     )
 
 
-def loraplus_optimizer(model: Any, recipe: Recipe) -> torch.optim.Optimizer | None:
-    """LoRA+: the B matrices learn `plus_ratio` times faster than the A matrices (PEFT's implementation)."""
+def loraplus_optimizer(recipe: Recipe) -> Any:
+    """LoRA+: the B matrices learn `plus_ratio` times faster than the A matrices (PEFT's implementation), as a
+    model -> optimizer builder for `OwnOptimizer`; None without LoRA+."""
     if recipe.finetuning != "lora" or not recipe.lora.plus_ratio:
         return None
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=recipe.train.lr,
-                                     loraplus_lr_ratio=recipe.lora.plus_ratio,
-                                     weight_decay=recipe.train.weight_decay)
+    return lambda model: create_loraplus_optimizer(model, torch.optim.AdamW, lr=recipe.train.lr,
+                                                   loraplus_lr_ratio=recipe.lora.plus_ratio,
+                                                   weight_decay=recipe.train.weight_decay)
 
 
 def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) -> GuardedTrainer:
@@ -179,19 +209,18 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     eval_ds = Dataset.from_dict({"index": list(range(n_train, len(records))), "length": lengths[n_train:]}) \
         if val_records else None
     try:
-        args = training_args(recipe, precision, eval_ds is not None)
+        args = training_args(recipe, precision, eval_ds is not None, n_train)
     except (ValueError, TypeError) as exc:  # a train.extra value that SFTConfig refuses
         raise VlmtaxError(f"SFTConfig refused the training arguments: {first_line(exc)}",
                           "check the values in train.extra") from None
     if recipe.train.packing:
         packing.check_family(model)
-    optimizer = loraplus_optimizer(model, recipe)
     trainer = GuardedTrainer(
         model=model, args=args, data_collator=Collator(processor, taxonomy, records, recipe.train.max_length,
                                                       packing=recipe.train.packing, pixel_cache=pixel_cache(recipe)),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=processor,
-        optimizers=(optimizer, None),
     )
+    trainer.build_optimizer = loraplus_optimizer(recipe)
     trainer.precision = precision
     trainer.data_collator.vision_cache = vision_cache.setup(trainer, recipe, processor, records)
     if "flash" in str(getattr(model.config, "_attn_implementation", "")):
@@ -199,5 +228,6 @@ def build_trainer(recipe: Recipe, model: Any, processor: Any, precision: str) ->
     trainer.start_step = StartStep()
     trainer.add_callback(trainer.start_step)
     trainer.add_callback(FrozenTower())
+    train_console.attach(trainer)
     trainer.metric_callback = attach_metric(trainer, recipe, processor, taxonomy, val_records)
     return trainer

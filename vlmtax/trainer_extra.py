@@ -32,6 +32,7 @@ OWNED = {
     "gradient_checkpointing": "train.gradient_checkpointing",
     "gradient_checkpointing_kwargs": "train.gradient_checkpointing",
     "activation_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing_kwargs": "train.gradient_checkpointing",
     "use_liger_kernel": "train.liger",
     "seed": "train.seed",
     "bf16": "precision",
@@ -77,9 +78,56 @@ def check_extra(recipe: Recipe, source: str) -> None:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
             raise VlmtaxError(f"{where} is not an SFTConfig argument",
                               f"did you mean {close[0]}?" if close else "see TRL's SFTConfig for the valid names")
+    _check_types(extra, source)
+    if "report_to" in extra:
+        _check_report_to(extra["report_to"], source)
     if "optim" in extra and recipe.finetuning == "lora" and recipe.lora.plus_ratio:
         raise VlmtaxError(f"{source}: train.extra.optim is ignored while LoRA+ builds its own optimizer",
                           "set lora.plus_ratio: null to choose the optimizer with train.extra.optim")
+
+
+def _check_types(extra: dict[str, Any], source: str) -> None:
+    """Each value against its SFTConfig field's type (SFTConfig, a dataclass, checks none: `notabool` would be
+    a true flag). Lax coercions (`"false"` -> False, `"8"` -> 8) replace the value, so the trainer gets them."""
+    import typing
+
+    from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    for key, value in extra.items():
+        try:
+            checked = TypeAdapter(hints[key]).validate_python(value)
+        except PydanticSchemaGenerationError:  # a type pydantic cannot check: left to SFTConfig
+            continue
+        except ValidationError as exc:
+            expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise VlmtaxError(f"{source}: train.extra.{key}={value!r} is not a valid {expected} "
+                              f"({exc.errors()[0]['msg']})", f"give train.extra.{key} a {expected} value") from None
+        if isinstance(checked, (bool, int, float)) and (type(checked) is not type(value) or checked != value):
+            extra[key] = checked
+
+
+def _check_report_to(value: Any, source: str) -> None:
+    """Each logger named must be one the Trainer knows (whether it is installed is checked before training:
+    `check_loggers_installed`)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in [value] if isinstance(value, str) else list(value or []):
+        if name not in ("none", "all") and name not in INTEGRATION_TO_CALLBACK:
+            raise VlmtaxError(f"{source}: train.extra.report_to names {name!r}, which the Trainer does not know",
+                              f"use one of: {', '.join(INTEGRATION_TO_CALLBACK)}")
+
+
+def check_loggers_installed(recipe: Recipe) -> None:
+    """Before training: a logger report_to names but this machine lacks stops the Trainer with a RuntimeError."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    available, names = get_available_reporting_integrations(), report_to(recipe)
+    for name in [] if isinstance(names, str) else names:
+        if name not in ("none", "all", "tensorboard") and name not in available:  # tensorboard: check_logging's
+            raise VlmtaxError(f"train.extra.report_to names {name!r}, which is not installed",
+                              f"install the {name} package, or remove it from train.extra.report_to")
 
 
 def report_to(recipe: Recipe) -> list[str] | str:

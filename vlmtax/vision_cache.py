@@ -107,15 +107,29 @@ class VisionCache:
                 todo[path] = image
         return list(todo.values())
 
-    def fill(self, model: Any, processor: Any, images: list[str], batch_size: int, context: Any) -> None:
-        """Encode `images` with the model's own image path, under the training forward's autocast `context`."""
+    def fill(self, model: Any, processor: Any, images: list[str], batch_size: int, context: Any,
+             device: torch.device) -> None:
+        """Encode `images` on `device` (this rank's) with the model's own image path, under the training
+        forward's autocast `context`. Under DeepSpeed or FSDP the Trainer has not placed the model yet
+        (place_model_on_device is off): the tower visits `device` for the pass, else it ran on the CPU, in fp32."""
         from safetensors.torch import save_file
 
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise os_error(exc, self.dir) from None
-        device = next(vision_tower(model).parameters()).device
+        tower = vision_tower(model)
+        home = next(tower.parameters()).device
+        if images and home != device:
+            tower.to(device)
+        try:
+            self._encode(model, processor, images, batch_size, context, device, save_file)
+        finally:
+            if images and home != device:
+                tower.to(home)
+
+    def _encode(self, model: Any, processor: Any, images: list[str], batch_size: int, context: Any,
+                device: torch.device, save_file: Any) -> None:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             vision = processor.image_processor(images=[load_image(p) for p in chunk], return_tensors="pt")
@@ -175,7 +189,7 @@ def setup(trainer: Any, recipe: Recipe, processor: Any, records: list[dict[str, 
     todo = cache.missing(images)
     acc.wait_for_everyone()
     cache.fill(model, processor, todo[acc.process_index::acc.num_processes], recipe.train.batch_size,
-               acc.autocast)
+               acc.autocast, acc.device)
     acc.wait_for_everyone()
     # One write of the whole line: print() writes the text and the newline separately, and two processes'
     # lines then run together on a shared stderr.

@@ -1,0 +1,54 @@
+"""QLoRA on the CPU: the 4-bit config that sft builds, checked with transformers' own skip rule on each family's
+real module names, and what prepare_model leaves in 16 bits (bitsandbytes itself needs a CUDA GPU)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from conftest import FAMILIES, TINY_RECIPE, tiny_overrides
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from vlmtax.recipe import load_recipe
+from vlmtax.sft import _skeleton, load_model, prepare_model
+
+
+def _recipe(model, tmp_path, *extra):
+    return load_recipe(TINY_RECIPE, tiny_overrides(model, tmp_path / "data", tmp_path / "run", *extra))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantises_the_language_model_only(family, family_model_dirs, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_load(source, dtype, what="model", trust_remote_code=False, **extra):
+        seen.update(extra)
+        return types.SimpleNamespace(config=types.SimpleNamespace(model_type=family))
+
+    monkeypatch.setattr("vlmtax.sft.load_weights", fake_load)
+    recipe = _recipe(family_model_dirs[family], tmp_path, "quantization=4bit", "finetuning=lora")
+    load_model(recipe, "fp16")
+    skeleton = _skeleton(recipe)  # the real module names, as the quantizer walks them
+    config = seen["quantization_config"]
+    skip = HfQuantizer.get_modules_to_not_convert(skeleton, config.llm_int8_skip_modules,
+                                                  skeleton._keep_in_fp32_modules)
+    linear = [n for n, m in skeleton.named_modules() if type(m) is torch.nn.Linear]
+    converted = {n for n in linear if should_convert_module(n, skip)}
+    tower = [n for n in linear if n.startswith("model.visual.")]
+    assert tower and not converted & set(tower), sorted(converted & set(tower))[:3]
+    assert any("merger" in n for n in tower)
+    assert "lm_head" not in converted
+    assert {n for n in linear if ".language_model." in n} <= converted
+
+
+def test_qlora_upcasts_only_what_trains(tiny_model_dir, tmp_path):
+    """prepare_model_for_kbit_training upcast every 16-bit tensor (embeddings, tower, norms) to fp32."""
+    recipe = _recipe(tiny_model_dir, tmp_path, "finetuning=lora", "freeze.projector=true")
+    model, _ = load_model(recipe, "bf16")  # the 16-bit parts a 4-bit load keeps (bitsandbytes needs CUDA)
+    model = prepare_model(model, recipe.model_copy(update={"quantization": "4bit"}), "bf16")
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert set(frozen.values()) == {torch.bfloat16}, {n: d for n, d in frozen.items() if d != torch.bfloat16}
