@@ -13,6 +13,16 @@ a warm cache. Targets (issue 12): classify >= 10x generate samples/s; cached >= 
 
     python bench/heads.py [--rows 400] [--test-rows 100] [--steps 10] [--batch-size 16] [--threads 1]
     python bench/heads.py --backbone-widths-of clip-vit-large-patch14 [--depth-divisor 24] [--only-real-widths]
+    python bench/heads.py --quality [--rows 4000 --test-rows 500] [--with-generate] [--threads 2]
+
+`--quality` (issue 30): the shipped recipes trained to the end on the same prepared data, each scored on
+the test rows: the pretrained backbone (ImageNet EfficientNet-Lite0 imported from its PyPI package,
+recipes/effnet_lite0_heads_cpu.yaml: frozen + MLP heads, then kNN on the same cache), the random tiny
+CLIP (recipes/tiny_heads_cpu.yaml) and, with `--with-generate`, the generate route (recipes/tiny_cpu.yaml),
+beside the constant baseline. For each: final score, gain per visible attribute, feature-extraction
+images/s (cold cache), heads training samples/s (the Trainer's loop) and wall time to a submission. Then
+the frozen extraction itself, Lite0 at the recipe's 112 px: channels_last and inference mode each on
+and off, in images/s (best of 2 rounds).
 
 Why the cached ratio stays far below 50x on the tiny models: the tiny CLIP (64 px, 8 px patches, 2
 layers of width 64) costs about 5M multiply-adds per image, so an uncached step is mostly image
@@ -204,6 +214,106 @@ def frozen_sft_speed(paths: dict[str, Path], args) -> float:
     return meta["global_step"] * args.batch_size / meta["train_runtime_s"]
 
 
+VISIBLE = ("color", "length", "pattern", "sleeve_length")
+
+
+def gains(report: dict) -> dict[str, float]:
+    """Mean (model - baseline) per visible attribute over the categories that have it."""
+    out: dict[str, list[float]] = {}
+    for c in report["categories"].values():
+        for name, a in c["attributes"].items():
+            if name in VISIBLE and a["score"] is not None:
+                out.setdefault(name, []).append(a["score"] - a["baseline"])
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def trained_route(name: str, recipe: str, model: Path, paths: dict[str, Path], *extra: str) -> dict:
+    """A shipped recipe trained to the end, predicted on the test rows and scored."""
+    import yaml
+
+    from vlmtax.predict import predict
+    from vlmtax.score import score
+    from vlmtax.sft import sft
+
+    slug = "-".join(name.replace("+", " ").split())
+    run, out = WORK / f"q-run-{slug}", WORK / f"q-sub-{slug}.csv"
+    shutil.rmtree(run, ignore_errors=True)
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    sft(RECIPES / recipe, [f"model={model}", f"data={paths['data']}", f"output_dir={run}", *extra])
+    sft_s = time.perf_counter() - t0
+    meta = json.loads((run / "vlmtax_meta.json").read_text())
+    predict(model=run, csv=paths["cat"] / "test.csv", images=paths["cat"] / "test_images", out=out, batch_size=64)
+    wall = time.perf_counter() - t0
+    report = score(truth=paths["cat"] / "test_labels.csv", pred=out, taxonomy=run / "taxonomy.json")
+    rows = len(json.loads((paths["data"] / "train.json").read_text()))
+    steps, runtime = meta["global_step"], meta.get("train_runtime_s")
+    batch = yaml.safe_load((run / "recipe.yaml").read_text())["train"]["batch_size"]  # the resolved recipe
+    extracted = meta.get("features_extracted")  # None: no frozen features (full fine-tuning); 0: all cached
+    return {"name": name, "final": report["final"], "baseline": report["baseline"]["final"], "gains": gains(report),
+            "extracted": extracted,
+            "extract_img_s": extracted / max(sft_s - (runtime or 0), 1e-9) if extracted else None,
+            "heads_samples_s": steps * batch / runtime if runtime else None, "wall_s": wall, "rows": rows}
+
+
+def extraction_speed(lite0: Path, paths: dict[str, Path], n: int = 256) -> None:
+    """Lite0 frozen extraction at 112 px: channels_last and inference mode each on and off, images/s."""
+    import torch
+
+    from vlmtax.backbone import load_encoder, load_image_processor, process_images, resize_timm
+    from vlmtax.classify_data import load_classify_data
+    from vlmtax.records import load_image
+
+    processor = resize_timm(load_image_processor(lite0), 112, 1.0)
+    encoder = load_encoder(lite0).eval()
+    images = [load_image(p) for p in load_classify_data(paths["data"]).train.images[:n]]
+    n = len(images)
+    pixels = [process_images(processor, images[s:s + 64])["pixel_values"] for s in range(0, n, 64)]
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        encoder.to(memory_format=fmt)
+        for mode in (torch.no_grad, torch.inference_mode):
+            best = 0.0
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with mode():
+                    for batch in pixels:
+                        encoder(batch.contiguous(memory_format=fmt))
+                best = max(best, n / (time.perf_counter() - t0))
+            print(f"Lite0 extraction, channels_last={channels_last}, {mode.__name__}: {best:.1f} images/s "
+                  f"(forward only, {n} images at 112 px)")
+
+
+def quality(paths: dict[str, Path], args) -> None:
+    from vlmtax.timm_backbone import import_backbone
+
+    lite0 = WORK / "effnet-lite0"
+    if not (lite0 / "config.json").exists():
+        import_backbone("efficientnet_lite0", lite0)
+    cache = WORK / f"q-cache-{args.rows}"
+    shutil.rmtree(cache, ignore_errors=True)  # cold: the first route's extraction is timed
+    results = [trained_route("lite0 frozen+heads", "effnet_lite0_heads_cpu.yaml", lite0, paths,
+                             f"heads.cache_dir={cache}"),
+               trained_route("lite0 knn", "effnet_lite0_heads_cpu.yaml", lite0, paths, f"heads.cache_dir={cache}",
+                             "heads.kind=knn"),
+               trained_route("tiny CLIP full", "tiny_heads_cpu.yaml", paths["clip"], paths,
+                             f"heads.cache_dir={cache}")]
+    if args.with_generate:
+        results.append(trained_route("generate (tiny Qwen2-VL)", "tiny_cpu.yaml", paths["qwen"], paths,
+                                     "image.max_pixels=12544"))
+    base = results[0]["baseline"]
+    print(f"\n{results[0]['rows']} training rows; constant baseline final {base:.4f}")
+    print(f"{'route':26}{'final':>8}" + "".join(f"{a:>14}" for a in VISIBLE)
+          + f"{'extract img/s':>15}{'heads smp/s':>13}{'wall s':>9}")
+    for r in results:
+        extract = f"{r['extract_img_s']:.1f}" if r["extract_img_s"] else ("cached" if r["extracted"] == 0 else "-")
+        heads = f"{r['heads_samples_s']:.0f}" if r["heads_samples_s"] else "-"
+        print(f"{r['name']:26}{r['final']:8.4f}" + "".join(f"{r['gains'].get(a, float('nan')):+14.3f}" for a in VISIBLE)
+              + f"{extract:>15}{heads:>13}{r['wall_s']:9.0f}")
+    print("extract img/s: images extracted / the sft call's time outside the training loop (loading included)")
+    extraction_speed(lite0, paths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400)
@@ -218,12 +328,18 @@ def main() -> None:
                         "depth / N and 2 * depth / N layers and extrapolate to the full depth")
     parser.add_argument("--real-steps", type=int, default=3, help="uncached steps per round at real widths")
     parser.add_argument("--only-real-widths", action="store_true", help="skip the tiny-model measurements")
+    parser.add_argument("--quality", action="store_true", help="score the pretrained backbone, the tiny CLIP "
+                        "and the baseline side by side (the recipes trained to the end), then time the extraction")
+    parser.add_argument("--with-generate", action="store_true", help="with --quality: the generate route too")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     paths = setup(args)
+    if args.quality:
+        quality(paths, args)
+        return
     if args.backbone_widths_of:
         real_width_cache_speed(paths, args)
         if args.only_real_widths:

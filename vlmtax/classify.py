@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from vlmtax.backbone import feature_dim, load_encoder, load_image_processor, set_qwen_pixels
+from vlmtax.backbone import (
+    feature_dim,
+    load_encoder,
+    load_image_processor,
+    resize_timm,
+    save_processor,
+    set_qwen_pixels,
+)
 from vlmtax.classify_data import ClassifyData, load_classify_data
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import save_safetensors, write_json
@@ -63,16 +70,40 @@ def encoder_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     return DTYPES[precision] if recipe.heads.mode == "frozen" else torch.float32
 
 
+def linear_modules(encoder: torch.nn.Module) -> list[str]:
+    """Full names of the backbone's linear maps, as its kind defines them (backbone.KINDS): nn.Linear, and for
+    timm also 1x1 ungrouped convolutions (a convnet's pointwise layers). Full names: a leaf name such as
+    `proj` can also be a ViT's patch-embedding convolution."""
+    types = encoder.kind.lora_types
+    return [n for n, m in encoder.model.named_modules() if isinstance(m, types)
+            and (not isinstance(m, torch.nn.Conv2d) or (m.kernel_size == (1, 1) and m.groups == 1))]
+
+
 def lora_encoder(encoder: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """LoRA on the backbone's linear layers (`lora.target: all-linear`) or the named ones."""
+    import sys
+
     from peft import LoraConfig, get_peft_model
 
     target = recipe.lora.target
+    names = sorted({n.rsplit(".", 1)[-1] for n in linear_modules(encoder)})
     if target == "all-linear":  # full names: leaf names such as a Sequential's "0" also hit `blocks.0`
-        target = [n for n, m in encoder.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        target = linear_modules(encoder)
+        if not target:
+            raise VlmtaxError("lora.target=all-linear wraps nothing: the backbone has no linear layers",
+                              "use heads.mode=full or frozen, or name modules in lora.target")
     config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=target)
-    encoder.model = get_peft_model(encoder.model, config)
+    try:
+        encoder.model = get_peft_model(encoder.model, config)
+    except ValueError as exc:
+        if "not found" not in str(exc) and "not supported" not in str(exc):
+            raise
+        raise VlmtaxError(f"lora.target={recipe.lora.target} wraps nothing LoRA supports in the backbone",
+                          f"name some of its linear layers: {', '.join(names[:12]) or '(none: use heads.mode=full)'}"
+                          ) from None
+    wrapped = [n.rsplit(".", 1)[-1] for n, m in encoder.model.named_modules() if hasattr(m, "lora_A")]
+    sys.stderr.write(f"LoRA on the backbone: {len(wrapped)} modules named {', '.join(sorted(set(wrapped)))}\n")
     return encoder
 
 
@@ -80,6 +111,7 @@ def build_classifier(recipe: Recipe, data: ClassifyData, precision: str, device:
     """(classifier, image processor, feature dim); the encoder is left out of a frozen classifier."""
     processor = load_image_processor(recipe.model, recipe.trust_remote_code)
     set_qwen_pixels(processor, recipe.image.min_pixels, recipe.image.max_pixels)
+    processor = resize_timm(processor, recipe.image.size, recipe.image.crop_pct)
     encoder = load_encoder(recipe.model, encoder_dtype(recipe, precision), recipe.trust_remote_code)
     if device is not None:
         encoder.to(device)
@@ -170,7 +202,7 @@ def save_classify_run(recipe: Recipe, processor: Any, dim: int, precision: str, 
         if recipe.heads.mode == "lora":
             encoder.model = encoder.model.merge_and_unload()  # a plain backbone: predict needs no PEFT
         save(BACKBONE_WEIGHTS, encoder.state_dict())
-    processor.save_pretrained(str(out))
+    save_processor(processor, out)
     write_json(out / CLASSIFIER_FILE, spec, indent=1)
     shutil.copyfile(recipe.data / "taxonomy.json", out / "taxonomy.json")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))

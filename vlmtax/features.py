@@ -19,6 +19,10 @@ import torch
 from vlmtax.backbone import Encoder, process_images
 from vlmtax.fileio import file_sha256, save_safetensors, write_json
 from vlmtax.progress import progress_iter
+from vlmtax.timm_backbone import MARKER as TIMM_MARKER
+from vlmtax.tiny_model import MARKER as TINY_MARKER
+
+MARKERS = (TINY_MARKER, TIMM_MARKER)  # who built a folder and when: not what decides its features
 
 
 def default_cache_dir() -> Path:
@@ -30,7 +34,7 @@ def backbone_fingerprint(source: str, processor: Any, dtype: torch.dtype) -> str
     h = hashlib.sha256()
     path = Path(source)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.name != "vlmtax_tiny.json"]
+        files = [p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.name not in MARKERS]
         for f in sorted(files):
             h.update(f.name.encode())
             h.update(file_sha256(f).encode())
@@ -66,20 +70,28 @@ class FeatureCache:
         write_json(self.dir / f"{name}.json", keys, indent=None)  # written last: its presence marks a whole shard
 
 
-@torch.no_grad()
 def extract(encoder: Encoder, processor: Any, paths: list[str], batch_size: int,
             desc: str = "features") -> torch.Tensor:
-    """Pooled features of `paths`, in order, in fp32 on the CPU."""
+    """Pooled features of `paths`, in order, in fp32 on the CPU.
+
+    Under inference mode (no autograd bookkeeping at all), and in channels_last where the backbone's kind
+    says (convolutions; bench/heads.py measures both). The result is concatenated outside inference mode, so
+    the heads may train on it."""
     from vlmtax.records import load_image
 
     device = next(encoder.parameters()).device
     was = encoder.training
     encoder.eval()
+    fmt = torch.channels_last if encoder.kind.channels_last else torch.contiguous_format
+    encoder.to(memory_format=fmt)
     out = []
     starts = range(0, len(paths), batch_size)
-    for s in progress_iter(starts, total=len(starts), desc=desc, unit="batches"):
-        inputs = process_images(processor, [load_image(p) for p in paths[s: s + batch_size]])
-        out.append(encoder(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
+    with torch.inference_mode():
+        for s in progress_iter(starts, total=len(starts), desc=desc, unit="batches"):
+            inputs = process_images(processor, [load_image(p) for p in paths[s: s + batch_size]])
+            inputs = {k: v.to(device, memory_format=fmt) if v.dim() == 4 else v.to(device) for k, v in inputs.items()}
+            out.append(encoder(**inputs).float().cpu())
+    encoder.to(memory_format=torch.contiguous_format)
     encoder.train(was)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -35,6 +35,9 @@ class Freeze(_Strict):
 class ImageCfg(_Strict):
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(262144, ge=784)
+    # timm backbones (task: classify): input side in px and centre-crop share; null = the model's pretrained_cfg
+    size: int | None = Field(None, ge=16)
+    crop_pct: float | None = Field(None, gt=0, le=1)
 
 
 class Train(_Strict):
