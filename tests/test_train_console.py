@@ -20,7 +20,7 @@ def _state(step: int, epoch: float) -> SimpleNamespace:
 def test_one_line_per_evaluation_and_every_dict_in_train_log(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMTAX_PROGRESS", "0")
     out = io.StringIO()
-    line = train_console.LiveLine(stream=out)
+    line = train_console.LiveLine(stream=out, every=0)
     args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="epoch")
     line.on_train_begin(args, _state(0, 0.0), None)
     line.on_log(args, _state(5, 0.5), None, logs={"loss": 0.372, "grad_norm": 2.4, "learning_rate": 0.0023})
@@ -40,12 +40,25 @@ def test_one_line_per_evaluation_and_every_dict_in_train_log(tmp_path, monkeypat
 def test_without_evaluation_a_line_per_epoch(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMTAX_PROGRESS", "0")
     out = io.StringIO()
-    line = train_console.LiveLine(stream=out)
+    line = train_console.LiveLine(stream=out, every=0)
     args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="no")
     line.on_train_begin(args, _state(0, 0.0), None)
     line.on_log(args, _state(10, 1.0), None, logs={"loss": 1.5})
     line.on_epoch_end(args, _state(10, 1.0), None)
     assert out.getvalue().startswith("sft: epoch 1/4 step 10/40  loss 1.5  ")
+
+
+def test_off_a_terminal_lines_are_spaced_and_the_last_always_shows(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTAX_PROGRESS", "0")
+    out = io.StringIO()
+    line = train_console.LiveLine(stream=out, every=3600)
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="epoch")
+    line.on_train_begin(args, _state(0, 0.0), None)
+    for step in (10, 20, 30, 40):
+        line.on_log(args, _state(step, step / 10), None, logs={"eval_loss": 1.0 / step})
+    line.on_train_end(args, _state(40, 4.0), None)
+    printed = out.getvalue().splitlines()
+    assert [p.split("  ")[0] for p in printed] == ["sft: epoch 1/4 step 10/40", "sft: epoch 4/4 step 40/40"]
 
 
 class _Trainer:

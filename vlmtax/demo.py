@@ -159,7 +159,7 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
     console.rule("[ensemble] tune on validation, ensemble on test")
     (work / "ensemble").mkdir(exist_ok=True)
     tuned = tune_and_ensemble(val_probs, [p for _, p, _ in runs.values()], data / "val.csv", data / "taxonomy.json",
-                              work / "ensemble", console=console)
+                              work / "ensemble", console=console, detail=False)
     report = score(truth=cat / "test_labels.csv", pred=work / "ensemble" / "ensemble.csv",
                    taxonomy=data / "taxonomy.json", json_out=work / "score-ensemble.json", console=console,
                    detail=False)

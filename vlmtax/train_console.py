@@ -3,7 +3,8 @@
 The Trainer prints a tqdm bar and a raw Python dict per log step and per evaluation (`{'loss': '0.372', ...}`).
 `attach(trainer)` takes its printer and progress callbacks off and puts `LiveLine` in their place: on a terminal
 one rich bar with step, loss, learning rate, validation loss/score and time left; elsewhere (CI, a pipe) one
-plain line per evaluation or epoch. Every log dict still lands, as one JSON line, in the run dir's `train.log`.
+plain line per evaluation or epoch, at most one every `every` seconds, and the last. Every log dict still
+lands, as one JSON line, in the run dir's `train.log`.
 `--verbose` keeps the Trainer's own output instead.
 """
 
@@ -45,10 +46,11 @@ def _clock(seconds: float) -> str:
 class LiveLine(TrainerCallback):
     """The run's one line on the terminal (main process only) and its log dicts in `train.log`."""
 
-    def __init__(self, stream: Any = None):
-        self.stream = stream
+    def __init__(self, stream: Any = None, every: float = 10.0):
+        self.stream, self.every = stream, every
         self.latest: dict[str, Any] = {}
         self.bar, self.task, self.started, self.first_step = None, None, 0.0, 0
+        self.printed_at, self.printed_step = float("-inf"), -1
 
     def _main(self, state: Any) -> bool:
         return bool(state.is_world_process_zero)
@@ -81,7 +83,11 @@ class LiveLine(TrainerCallback):
         if self._main(state) and self.bar is None and str(args.eval_strategy) in ("no", "IntervalStrategy.NO"):
             self._line(state)
 
-    def _line(self, state: Any) -> None:
+    def _line(self, state: Any, last: bool = False) -> None:
+        now = time.perf_counter()
+        if (not last and now - self.printed_at < self.every) or (last and self.printed_step == state.global_step):
+            return
+        self.printed_at, self.printed_step = now, state.global_step
         done = state.global_step - self.first_step
         elapsed = time.perf_counter() - self.started
         left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
@@ -90,6 +96,8 @@ class LiveLine(TrainerCallback):
               f"{_clock(elapsed)} elapsed, {_clock(left)} left", file=self.stream or sys.stderr, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._main(state) and self.bar is None and self.started:
+            self._line(state, last=True)
         if self.bar is not None:
             self.bar.update(self.task, completed=state.global_step, rate=summary(self.latest))
             self.bar.stop()

@@ -242,8 +242,9 @@ def calibration(attrs: list[AttrData], f: Fit, n: int) -> dict[str, Any]:
 
 
 def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: str | Path,
-         settings: Settings | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Choose the decision on validation rows; print the per-attribute table; write decision.json."""
+         settings: Settings | None = None, console: Console | None = None, detail: bool = True) -> dict[str, Any]:
+    """Choose the decision on validation rows; print the per-attribute table (`detail=False`: the summary lines
+    alone, as the demo prints it); write decision.json."""
     s = settings or Settings()
     check_settings(s)
     guard_outputs({"--truth": truth, "--taxonomy": taxonomy, **{f"probs file {p}": p for p in probs}},
@@ -282,7 +283,7 @@ def tune(probs: list[str | Path], truth: str | Path, out: str | Path, taxonomy: 
         "attributes": rows, "scores": scores, "ece": calibration(attrs, f, n),
     }
     write_json(out, decision)
-    print_table(decision, console or Console(width=None if sys.stdout.isatty() else 160))
+    print_table(decision, console or Console(width=None if sys.stdout.isatty() else 160), detail)
     return decision
 
 
@@ -305,17 +306,9 @@ def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def print_table(decision: dict[str, Any], console: Console) -> None:
-    t = Table(title="tune: per attribute (validation rows)", title_justify="left", caption_justify="left",
-              caption="argmax: equal weights, tau 0; tuned: in-sample; cv: k-fold out-of-sample; "
-              "share: bootstrap wins of the best tau over 0 (kept when >= min_share)")
-    for name in ("category", "attribute", "support", "argmax", "tuned", "cv", "tau", "best tau", "share", "weights"):
-        t.add_column(name, justify="left" if name in ("category", "attribute", "weights") else "right")
-    for a in decision["attributes"]:
-        t.add_row(escape(a["category"]), escape(a["attribute"]), str(a["support"]), _f(a["argmax"]), _f(a["tuned"]),
-                  _f(a["cv_tuned"]), f"{a['tau']:.2f}", f"{a['best_tau']:.2f}", _f(a["bootstrap_share"]),
-                  ",".join(f"{w:.2f}" for w in a["weights"]))
-    console.print(t)
+def print_table(decision: dict[str, Any], console: Console, detail: bool = True) -> None:
+    if detail:
+        console.print(attribute_table(decision))
     sc, e = decision["scores"], decision["ece"]
     singles = ", ".join(f"{x:.4f}" for x in sc["single"])
     console.print(f"[bold]final: argmax {sc['argmax']:.4f}, tuned {sc['tuned']:.4f} (in-sample), "
@@ -328,16 +321,30 @@ def print_table(decision: dict[str, Any], console: Console) -> None:
                       + ", ".join(f"model {m + 1} alone {x:.4f}" for m, x in enumerate(ch["cv_single"])) + ")")
 
 
+def attribute_table(decision: dict[str, Any]) -> Table:
+    t = Table(title="tune: per attribute (validation rows)", title_justify="left", caption_justify="left",
+              caption="argmax: equal weights, tau 0; tuned: in-sample; cv: k-fold out-of-sample; "
+              "share: bootstrap wins of the best tau over 0 (kept when >= min_share)")
+    for name in ("category", "attribute", "support", "argmax", "tuned", "cv", "tau", "best tau", "share", "weights"):
+        t.add_column(name, justify="left" if name in ("category", "attribute", "weights") else "right")
+    for a in decision["attributes"]:
+        t.add_row(escape(a["category"]), escape(a["attribute"]), str(a["support"]), _f(a["argmax"]), _f(a["tuned"]),
+                  _f(a["cv_tuned"]), f"{a['tau']:.2f}", f"{a['best_tau']:.2f}", _f(a["bootstrap_share"]),
+                  ",".join(f"{w:.2f}" for w in a["weights"]))
+    return t
+
+
 def tune_and_ensemble(val_probs: list[str | Path], test_probs: list[str | Path], val_truth: str | Path,
                       taxonomy: str | Path, out_dir: str | Path, test_truth: str | Path | None = None,
-                      settings: Settings | None = None, console: Console | None = None) -> dict[str, Any]:
+                      settings: Settings | None = None, console: Console | None = None,
+                      detail: bool = True) -> dict[str, Any]:
     """Tune on the validation probabilities, apply the decision to the test probabilities (the demo's last
     step); with `test_truth`, also score the ensemble's submission. Writes decision.json, ensemble.csv
     and ensemble.probs.jsonl into `out_dir`."""
     from vlmtax.ensemble import ensemble
 
     out_dir = Path(out_dir)
-    decision = tune(val_probs, val_truth, out_dir / "decision.json", taxonomy, settings, console)
+    decision = tune(val_probs, val_truth, out_dir / "decision.json", taxonomy, settings, console, detail)
     submission = out_dir / "ensemble.csv"
     ensemble(test_probs, submission, decision=out_dir / "decision.json", probs_out=out_dir / "ensemble.probs.jsonl",
              taxonomy=taxonomy)
