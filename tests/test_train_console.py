@@ -17,12 +17,18 @@ def _state(step: int, epoch: float) -> SimpleNamespace:
                            num_train_epochs=4)
 
 
-def test_one_line_per_evaluation_and_every_dict_in_train_log(tmp_path, monkeypatch):
+def _started(tmp_path, monkeypatch, eval_strategy: str, every: float):
+    """A LiveLine off a terminal, printing into a buffer, after on_train_begin: (line, args, buffer)."""
     monkeypatch.setenv("VLMTAX_PROGRESS", "0")
     out = io.StringIO()
-    line = train_console.LiveLine(stream=out, every=0)
-    args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="epoch")
+    line = train_console.LiveLine(stream=out, every=every)
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy=eval_strategy)
     line.on_train_begin(args, _state(0, 0.0), None)
+    return line, args, out
+
+
+def test_one_line_per_evaluation_and_every_dict_in_train_log(tmp_path, monkeypatch):
+    line, args, out = _started(tmp_path, monkeypatch, "epoch", 0)
     line.on_log(args, _state(5, 0.5), None, logs={"loss": 0.372, "grad_norm": 2.4, "learning_rate": 0.0023})
     assert out.getvalue() == ""  # a training log step prints nothing
     line.on_log(args, _state(10, 1.0), None, logs={"eval_loss": 0.41, "eval_runtime": 0.2})
@@ -38,22 +44,14 @@ def test_one_line_per_evaluation_and_every_dict_in_train_log(tmp_path, monkeypat
 
 
 def test_without_evaluation_a_line_per_epoch(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLMTAX_PROGRESS", "0")
-    out = io.StringIO()
-    line = train_console.LiveLine(stream=out, every=0)
-    args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="no")
-    line.on_train_begin(args, _state(0, 0.0), None)
+    line, args, out = _started(tmp_path, monkeypatch, "no", 0)
     line.on_log(args, _state(10, 1.0), None, logs={"loss": 1.5})
     line.on_epoch_end(args, _state(10, 1.0), None)
     assert out.getvalue().startswith("sft: epoch 1/4 step 10/40  loss 1.5  ")
 
 
 def test_off_a_terminal_lines_are_spaced_and_the_last_always_shows(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLMTAX_PROGRESS", "0")
-    out = io.StringIO()
-    line = train_console.LiveLine(stream=out, every=3600)
-    args = SimpleNamespace(output_dir=str(tmp_path), eval_strategy="epoch")
-    line.on_train_begin(args, _state(0, 0.0), None)
+    line, args, out = _started(tmp_path, monkeypatch, "epoch", 3600)
     for step in (10, 20, 30, 40):
         line.on_log(args, _state(step, step / 10), None, logs={"eval_loss": 1.0 / step})
     line.on_train_end(args, _state(40, 4.0), None)
