@@ -246,7 +246,8 @@ def _check_output_dir(recipe: Recipe) -> None:
     guard_outputs({"model": model if model.exists() else None, "data": recipe.data}, {"output_dir": recipe.output_dir})
     check_writable(recipe.output_dir, "output_dir", "dir")
     out = recipe.output_dir
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # train.log alone is what another rank of this same launch may have written already
+    entries = sorted(p.name for p in out.iterdir() if p.name != TRAIN_LOG) if out.is_dir() else []
     if entries and not any(_RUN_ENTRIES.fullmatch(name) for name in entries):
         raise VlmtaxError(f"output_dir {out} holds files that are not a vlmtax run ({', '.join(entries[:3])}"
                           f"{', ...' if len(entries) > 3 else ''}); training would overwrite them",
