@@ -34,11 +34,11 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
 def build_runs(work: Path, rows: int, test_rows: int, val_fraction: float, epochs: float,
                seeds: list[int], max_steps: int | None = None) -> dict[int, dict[str, Path]]:
     """Catalogue, data, one run per seed, and each run's val/test probabilities."""
+    from vlmtax.data.prepare import prepare
+    from vlmtax.data.synth import synth
+    from vlmtax.models.tiny_model import build_tiny_model
     from vlmtax.predict import predict
-    from vlmtax.prepare import prepare
     from vlmtax.sft import sft
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
     cat, model, data = work / "catalogue", work / "tiny-model", work / "data"
@@ -116,9 +116,9 @@ def main() -> None:
 
 
 def _score(truth: Path, pred: Path, taxonomy: Path):
+    from vlmtax.data.taxonomy import Taxonomy
+    from vlmtax.evaluate.metric import compute_metric
     from vlmtax.fileio import read_csv
-    from vlmtax.metric import compute_metric
-    from vlmtax.taxonomy import Taxonomy
 
     return compute_metric(read_csv(truth, "truth", ["id", "Category"]), read_csv(pred, "pred", ["id", "Category"]),
                           Taxonomy.load(taxonomy))
@@ -128,8 +128,8 @@ def measure(work: Path, runs: dict[int, dict[str, Path]]) -> dict:
     """Tune on val, ensemble on test, and the two tables of docs/ensembling.md."""
     from rich.console import Console
 
-    from vlmtax.ensemble import ensemble
-    from vlmtax.tune import tune_and_ensemble
+    from vlmtax.evaluate.ensemble import ensemble
+    from vlmtax.evaluate.tune import tune_and_ensemble
 
     seeds = sorted(runs)
     tax = work / f"run-seed{seeds[0]}" / "taxonomy.json"

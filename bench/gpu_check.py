@@ -52,9 +52,9 @@ class Check:
 
 
 def _setup(work: Path) -> tuple[Path, Path, Path]:
-    from vlmtax.prepare import prepare
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.data.prepare import prepare
+    from vlmtax.data.synth import synth
+    from vlmtax.models.tiny_model import build_tiny_model
 
     model = build_tiny_model(work / "tiny", seed=0)
     data = synth(work / "syn", rows=48, test_rows=16, seed=0, image_size=112)
@@ -85,10 +85,11 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
     import pandas as pd
     from PIL import Image
 
-    from vlmtax.answer import answer_segments, render_prompt
-    from vlmtax.chat import SequenceBuilder
-    from vlmtax.decoding import ConstrainedDecoder
-    from vlmtax.loading import load_for_inference, load_taxonomy
+    from vlmtax.data.answer import answer_segments, render_prompt
+    from vlmtax.data.chat import SequenceBuilder
+    from vlmtax.data.run_taxonomy import load_taxonomy
+    from vlmtax.generate.decoding import ConstrainedDecoder
+    from vlmtax.models.loading import load_for_inference
 
     model, processor, _ = load_for_inference(model_dir, dtype=dtype)
     taxonomy = load_taxonomy(model_dir, None)
@@ -116,7 +117,7 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
 
 
 def _pipeline(check: Check, work: Path, model: Path, data: Path, syn: Path, precision: str) -> None:
-    from vlmtax.merge import merge
+    from vlmtax.generate.merge import merge
 
     run, merged = work / f"run-{precision}", work / f"merged-{precision}"
     check.stage(f"sft {precision} (LoRA)", lambda: str(_sft(model, data, run, f"precision={precision}")))
@@ -133,8 +134,8 @@ def main() -> int:
     if not cuda and not args.cpu:
         print("gpu-check: skipped, no CUDA GPU visible (torch.cuda.is_available() is False)")
         return 0
-    from vlmtax.loading import bf16_supported
-    from vlmtax.merge import merge
+    from vlmtax.generate.merge import merge
+    from vlmtax.models.loading import bf16_supported
 
     check = Check(cuda)
     if cuda:

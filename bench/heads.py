@@ -55,10 +55,10 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def setup(args) -> dict[str, Path]:
-    from vlmtax.prepare import prepare
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.data.prepare import prepare
+    from vlmtax.data.synth import synth
+    from vlmtax.models.tiny_model import build_tiny_model
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     WORK.mkdir(parents=True, exist_ok=True)
     paths = {"qwen": build_tiny_model(WORK / "tiny-qwen"), "clip": build_tiny_vision(WORK / "tiny-clip", "clip"),
@@ -100,8 +100,8 @@ def step_speed(model, collate, tables, batch_size: int, steps: int, rows: int) -
     in samples/s; batches cycle over the first `rows` training rows; round 0 starts with an untimed warm-up."""
     import torch
 
-    from vlmtax.classify_trainer import heads_loss
-    from vlmtax.losses import LossCfg
+    from vlmtax.heads.losses import LossCfg
+    from vlmtax.heads.trainer import heads_loss
 
     opt = torch.optim.AdamW(model.heads.parameters(), 1e-3, fused=True)  # as the trainer's
     best = 0.0
@@ -127,12 +127,12 @@ def cache_speed(backbone: Path, paths: dict[str, Path], args, kind: str, uncache
     -> heads; cached, the collator hands cached features (of the first `rows` training images) to the
     heads. A cached step takes milliseconds and the neighbours' load varies: at least 50 steps a round.
     """
-    from vlmtax.backbone import feature_dim, load_encoder, load_image_processor
-    from vlmtax.classify_data import Collate, load_classify_data
-    from vlmtax.classify_trainer import heads_loss_tables
-    from vlmtax.features import extract
-    from vlmtax.heads import Classifier, Heads
-    from vlmtax.losses import LossCfg
+    from vlmtax.heads.data import Collate, load_classify_data
+    from vlmtax.heads.features import extract
+    from vlmtax.heads.losses import LossCfg
+    from vlmtax.heads.model import Classifier, Heads
+    from vlmtax.heads.trainer import heads_loss_tables
+    from vlmtax.models.backbone import feature_dim, load_encoder, load_image_processor
 
     data = load_classify_data(paths["data"])
     rows = min(rows or len(data.train.images), len(data.train.images))
@@ -231,8 +231,8 @@ def trained_route(name: str, recipe: str, model: Path, paths: dict[str, Path], *
     """A shipped recipe trained to the end, predicted on the test rows and scored."""
     import yaml
 
+    from vlmtax.evaluate.score import score
     from vlmtax.predict import predict
-    from vlmtax.score import score
     from vlmtax.sft import sft
 
     slug = "-".join(name.replace("+", " ").split())
@@ -260,9 +260,9 @@ def extraction_speed(lite0: Path, paths: dict[str, Path], n: int = 256) -> None:
     """Lite0 frozen extraction at 112 px: channels_last and inference mode each on and off, images/s."""
     import torch
 
-    from vlmtax.backbone import load_encoder, load_image_processor, process_images, resize_timm
-    from vlmtax.classify_data import load_classify_data
-    from vlmtax.records import load_image
+    from vlmtax.data.records import load_image
+    from vlmtax.heads.data import load_classify_data
+    from vlmtax.models.backbone import load_encoder, load_image_processor, process_images, resize_timm
 
     processor = resize_timm(load_image_processor(lite0), 112, 1.0)
     encoder = load_encoder(lite0).eval()
@@ -285,7 +285,7 @@ def extraction_speed(lite0: Path, paths: dict[str, Path], n: int = 256) -> None:
 
 
 def quality(paths: dict[str, Path], args) -> None:
-    from vlmtax.timm_backbone import import_backbone
+    from vlmtax.models.timm_backbone import import_backbone
 
     lite0 = WORK / "effnet-lite0"
     if not (lite0 / "config.json").exists():

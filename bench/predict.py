@@ -38,18 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vlmtax.decoding import AnswerPlans, ConstrainedDecoder, free_decode, generate_answers  # noqa: E402
+from vlmtax.data.run_taxonomy import load_taxonomy  # noqa: E402
 from vlmtax.fileio import read_csv  # noqa: E402
-from vlmtax.loading import load_for_inference, load_taxonomy  # noqa: E402
-from vlmtax.predict import make_batches, plan_rows  # noqa: E402
+from vlmtax.generate.decoding import AnswerPlans, ConstrainedDecoder, free_decode, generate_answers  # noqa: E402
+from vlmtax.inference.rows import make_batches, plan_rows  # noqa: E402
+from vlmtax.models.loading import load_for_inference  # noqa: E402
 
 
 def _setup(args: argparse.Namespace, work: Path, family: str = "qwen2_vl") -> tuple[Path, Path, Path, Path | None]:
     if args.model and args.csv:
         return Path(args.model), Path(args.csv), Path(args.images), args.taxonomy
-    from vlmtax.prepare import prepare
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.data.prepare import prepare
+    from vlmtax.data.synth import synth
+    from vlmtax.models.tiny_model import build_tiny_model
 
     data = work / "syn"
     if not data.is_dir():
@@ -190,7 +191,7 @@ def scale_out(model_path: Path, taxonomy_path: Path | None, rows: int, work: Pat
     (start-up, model loading, launch and assembly included in both), one torch thread per process."""
     import subprocess
 
-    from vlmtax.synth import synth
+    from vlmtax.data.synth import synth
 
     data = synth(work / "syn-scale", rows=20, test_rows=rows, seed=1)
     rates = {}
@@ -242,7 +243,7 @@ def main() -> int:
             del model
             for family in families if not args.model else [None]:
                 if family:
-                    from vlmtax.tiny_model import build_tiny_model
+                    from vlmtax.models.tiny_model import build_tiny_model
 
                     model_path = build_tiny_model(Path(tmp) / f"tiny-wide-{family}", seed=0, family=family,
                                                   vocab_size=args.vocab_size)

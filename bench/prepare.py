@@ -46,7 +46,7 @@ def _photo(rng: np.random.Generator) -> bytes:
 
 def _catalogue(rows: int, pool: int) -> tuple[Path, str]:
     """Synthetic catalogue with every image replaced by a 512x683 photo; one image is truncated."""
-    from vlmtax.synth import synth
+    from vlmtax.data.synth import synth
 
     cat = WORK / f"synth-{rows}-{WIDTH}x{HEIGHT}"
     truncated = "000001.jpg"
@@ -71,7 +71,7 @@ def _catalogue(rows: int, pool: int) -> tuple[Path, str]:
 def main() -> None:
     import pandas as pd
 
-    from vlmtax.prepare import prepare
+    from vlmtax.data.prepare import prepare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=70_000)

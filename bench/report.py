@@ -48,7 +48,7 @@ def fake_run(truth: Path, out: Path, probs: Path | None, error: float, seed: int
     import numpy as np
     import pandas as pd
 
-    from vlmtax.metric import infer_taxonomy
+    from vlmtax.evaluate.metric import infer_taxonomy
 
     rng = np.random.default_rng(seed)
     frame = pd.read_csv(truth, dtype=str, keep_default_na=False)
@@ -88,9 +88,9 @@ def main() -> None:
 
     import pandas as pd
 
-    from vlmtax.metric import infer_taxonomy
-    from vlmtax.report import report
-    from vlmtax.synth import synth
+    from vlmtax.data.synth import synth
+    from vlmtax.evaluate.metric import infer_taxonomy
+    from vlmtax.evaluate.report import report
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
 
 
 def setup(args) -> tuple[Path, Path]:
-    from vlmtax.prepare import prepare
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.data.prepare import prepare
+    from vlmtax.data.synth import synth
+    from vlmtax.models.tiny_model import build_tiny_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else build_tiny_model(WORK / "tiny-model")
@@ -127,9 +127,9 @@ def run_vlmtax(args, model: Path, data: Path, gc: bool, *extra: str, rows_to_max
     """samples/s over the whole run: the vision cache's pre-pass (inside build_trainer) counts against it.
     `hooked_tower`: leave the input-gradient hooks on the frozen tower, as the code did before FrozenTower
     (the backward pass then runs through the tower)."""
-    from vlmtax.recipe import load_recipe
-    from vlmtax.sft import load_model, prepare_model
-    from vlmtax.train_loop import FrozenTower, build_trainer
+    from vlmtax.generate.model import load_model, prepare_model
+    from vlmtax.generate.trainer import FrozenTower, build_trainer
+    from vlmtax.train.recipe import load_recipe
 
     shutil.rmtree(WORK / "run", ignore_errors=True)
     recipe = load_recipe(RECIPE, overrides(args, model, data, gc) + list(extra))
@@ -155,8 +155,8 @@ def run_stock_trl(args, model: Path, data: Path, gc: bool) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    from vlmtax.recipe import load_recipe
-    from vlmtax.sft import lora_target_regex
+    from vlmtax.generate.model import lora_target_regex
+    from vlmtax.train.recipe import load_recipe
 
     shutil.rmtree(WORK / "run-trl", ignore_errors=True)
     recipe = load_recipe(RECIPE, overrides(args, model, data, gc))
@@ -298,10 +298,10 @@ def step_times(args, model: Path, data: Path) -> tuple[dict[str, float], float]:
     of the frozen tower alone on one batch's images."""
     import torch
 
-    from vlmtax.recipe import load_recipe
-    from vlmtax.sft import load_model, prepare_model
-    from vlmtax.train_loop import build_trainer, drop_frozen_tower_input_grads
-    from vlmtax.vision_cache import vision_tower
+    from vlmtax.generate.model import load_model, prepare_model
+    from vlmtax.generate.trainer import build_trainer, drop_frozen_tower_input_grads
+    from vlmtax.generate.vision_cache import vision_tower
+    from vlmtax.train.recipe import load_recipe
 
     shutil.rmtree(WORK / "run", ignore_errors=True)
     recipe = load_recipe(RECIPE, overrides(args, model, data, True) + ["train.cache_vision=true"])

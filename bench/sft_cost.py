@@ -2,7 +2,7 @@
 
 Qwen2-VL-2B, Qwen2-VL-7B, Qwen2.5-VL-3B, Qwen3-VL-4B and Qwen3.5-2B are built on the meta device from
 their published `config.json` (copies in bench/configs/, sources in bench/configs/README.md), LoRA is
-attached with the same targets `vlmtax sft` uses (vlmtax.families), and one training step (vision
+attached with the same targets `vlmtax sft` uses (vlmtax.models.families), and one training step (vision
 forward, language forward, loss, backward) runs on shape-only tensors. For each recipe it reports:
 
 - FLOPs per step, counted by `torch.utils.flop_counter`, split into the vision tower, the language model
@@ -13,7 +13,7 @@ forward, language forward, loss, backward) runs on shape-only tensors. For each 
   checkpointing off; with it on, the layer inputs plus one layer's saved tensors (the recompute);
 - what each lever saves: answer-only logits (vlmtax's loss) vs logits on every position, the vision
   cache (the tower never runs and need not sit on the GPU), and packing (removes `--padding` of the tokens).
-  A lever the family table refuses (vlmtax/families.py: both, for Qwen3-VL and Qwen3.5) is reported as
+  A lever the family table refuses (vlmtax/models/families.py: both, for Qwen3-VL and Qwen3.5) is reported as
   not applicable, with no saving.
 
     python bench/sft_cost.py [--recipe recipes/qwen2vl_2b.yaml ...] [--prompt-tokens 80] [--answer-tokens 48]
@@ -95,7 +95,7 @@ def build(config: Any, recipe: Any, dtype: torch.dtype) -> Any:
     from peft import get_peft_model
     from transformers import AttentionInterface, AutoModelForImageTextToText
 
-    from vlmtax.sft import lora_config
+    from vlmtax.generate.model import lora_config
 
     AttentionInterface.register("vlmtax_gpu_sdpa", gpu_attention)
     config.text_config._attn_implementation = "vlmtax_gpu_sdpa"
@@ -231,7 +231,7 @@ def weight_bytes(model: Any, quantization: str | None) -> dict[str, float]:
 
 def estimate(recipe: Any, args: argparse.Namespace, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Every figure of one recipe (see the module docstring)."""
-    from vlmtax.families import family_of
+    from vlmtax.models.families import family_of
 
     config = load_config(config_for(recipe.model))
     model = build(config, recipe, dtype)
@@ -293,7 +293,7 @@ def summarise(recipe: Any, args: argparse.Namespace, weights: dict[str, float], 
 
 
 def lever(applicable: bool, saving: dict[str, float]) -> dict[str, Any]:
-    """A lever's saving, or None figures where the family table refuses it (vlmtax/families.py: the vision
+    """A lever's saving, or None figures where the family table refuses it (vlmtax/models/families.py: the vision
     cache misses Qwen3-VL's DeepStack features, packing would carry Qwen3.5's recurrent state across records)."""
     return {"applicable": applicable, **(saving if applicable else dict.fromkeys(saving))}
 
@@ -355,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from vlmtax.errors import VlmtaxError
-    from vlmtax.recipe import load_recipe
+    from vlmtax.train.recipe import load_recipe
 
     args = parse_args(argv)
     results = []

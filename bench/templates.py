@@ -28,16 +28,16 @@ os.environ.setdefault("VLMTAX_PROGRESS", "0")
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vlmtax.answer import parse_answer, with_template  # noqa: E402
-from vlmtax.decoding import AnswerPlans, generate_answers  # noqa: E402
-from vlmtax.loading import load_for_inference  # noqa: E402
+from vlmtax.data.answer import parse_answer, with_template  # noqa: E402
+from vlmtax.data.prepare import prepare  # noqa: E402
+from vlmtax.data.synth import synth  # noqa: E402
+from vlmtax.data.taxonomy import Taxonomy  # noqa: E402
+from vlmtax.evaluate.score import score  # noqa: E402
+from vlmtax.generate.decoding import AnswerPlans, generate_answers  # noqa: E402
+from vlmtax.models.loading import load_for_inference  # noqa: E402
+from vlmtax.models.tiny_model import build_tiny_model  # noqa: E402
 from vlmtax.predict import predict  # noqa: E402
-from vlmtax.prepare import prepare  # noqa: E402
-from vlmtax.score import score  # noqa: E402
 from vlmtax.sft import sft  # noqa: E402
-from vlmtax.synth import synth  # noqa: E402
-from vlmtax.taxonomy import Taxonomy  # noqa: E402
-from vlmtax.tiny_model import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "data_templates"

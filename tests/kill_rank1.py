@@ -9,7 +9,7 @@ import vlmtax.predict
 from vlmtax.cli import main
 
 if os.environ.get("RANK") == "1":
-    _decode_batch, _calls = vlmtax.predict._decode_batch, []
+    _decode_batch, _calls = vlmtax.predict.decode_batch, []
 
     def _dies_on_second_batch(*args, **kwargs):
         _calls.append(1)
@@ -17,7 +17,7 @@ if os.environ.get("RANK") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         return _decode_batch(*args, **kwargs)
 
-    vlmtax.predict._decode_batch = _dies_on_second_batch
+    vlmtax.predict.decode_batch = _dies_on_second_batch
 
 sys.argv = ["vlmtax", *sys.argv[1:]]
 main()

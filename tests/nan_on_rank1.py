@@ -9,15 +9,15 @@ import torch
 if os.environ.get("RANK") == "1":
     _cross_entropy = torch.nn.functional.cross_entropy
     torch.nn.functional.cross_entropy = lambda *a, **k: _cross_entropy(*a, **k) * float("nan")
-    import vlmtax.losses  # before vlmtax.classify_trainer imports the name
+    import vlmtax.heads.losses  # before vlmtax.heads.trainer imports the name
 
-    _category_loss = vlmtax.losses.category_loss
+    _category_loss = vlmtax.heads.losses.category_loss
 
     def _nan_category_loss(*args, **kwargs):
         total, count = _category_loss(*args, **kwargs)
         return total * float("nan"), count
 
-    vlmtax.losses.category_loss = _nan_category_loss
+    vlmtax.heads.losses.category_loss = _nan_category_loss
 
 from vlmtax.cli import main  # noqa: E402
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmtax.answer import (
+from vlmtax.data.answer import (
     DEFAULT_TEMPLATE,
     answer_segments,
     check_layout,
@@ -13,9 +13,9 @@ from vlmtax.answer import (
     render_prompt,
     snap,
 )
+from vlmtax.data.taxonomy import Attribute, Category, Taxonomy
+from vlmtax.data.template import AnswerLayout, Template, load_template
 from vlmtax.errors import VlmtaxError
-from vlmtax.taxonomy import Attribute, Category, Taxonomy
-from vlmtax.template import AnswerLayout, Template, load_template
 
 
 def _cat() -> Category:

@@ -193,12 +193,12 @@ def _enospc(c: Ctx, mp: pytest.MonkeyPatch) -> None:
 
 
 def _interrupt(c: Ctx, mp: pytest.MonkeyPatch) -> None:
-    import vlmtax.synth
+    import vlmtax.data.synth
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    mp.setattr(vlmtax.synth, "synth", stop)
+    mp.setattr(vlmtax.data.synth, "synth", stop)
 
 
 def _no_tensorboard(c: Ctx, mp: pytest.MonkeyPatch) -> None:
@@ -294,7 +294,7 @@ def _probs_files(c: Ctx, n_models: int = 2, ids: tuple[str, ...] = ("1", "2", "3
                  declared: tuple[str, ...] = ()) -> list[Path]:
     """Hand-made `predict --probs` files over a one-attribute taxonomy, plus the matching truth CSV;
     `declared`: values the attribute file allows that no training row holds (count 0)."""
-    from vlmtax.taxonomy import SLOT_COLUMNS, build_taxonomy
+    from vlmtax.data.taxonomy import SLOT_COLUMNS, build_taxonomy
 
     values = ["blue", "red", *declared]
     build_taxonomy(pd.DataFrame({"Category": ["Tees"] * 3, "attr_1": ["red", "red", "blue"]}), {"Tees": ["color"]},

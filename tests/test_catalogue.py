@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 from conftest import DATA_TEMPLATES
 
-from vlmtax.catalogue import read_category_attributes
-from vlmtax.prepare_write import _dataset_info
-from vlmtax.taxonomy import SLOT_COLUMNS
+from vlmtax.data.catalogue import read_category_attributes
+from vlmtax.data.prepare_write import _dataset_info
+from vlmtax.data.taxonomy import SLOT_COLUMNS
 
 # The shared label statistics the file was written from, beside the repository (absent in a bare checkout).
 STATS = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "meesho_label_stats.json",

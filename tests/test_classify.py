@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vlmtax.cli import app
+from vlmtax.data.taxonomy import Taxonomy
 from vlmtax.errors import VlmtaxError
 from vlmtax.predict import predict
 from vlmtax.sft import sft
-from vlmtax.taxonomy import Taxonomy
 
 HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
 FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
@@ -100,8 +100,8 @@ def test_knn_votes_give_probabilities(tiny_clip_dir, prepared_dir, synth_dir, tm
 
 
 def test_knn_vote_by_hand():
-    from vlmtax.heads import HeadSpec
-    from vlmtax.knn import knn_probabilities
+    from vlmtax.heads.knn import knn_probabilities
+    from vlmtax.heads.model import HeadSpec
 
     layout = [HeadSpec("A", "color", 0, ("red", "blue"))]
     bank = {"features": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]),
@@ -176,7 +176,7 @@ def test_tiny_vision_sizes_can_be_overridden(family):
     every other size and the processor stay the tiny model's; the image and patch sizes cannot change."""
     import torch
 
-    from vlmtax.tiny_vision import SIZES, _build
+    from vlmtax.models.tiny_vision import SIZES, _build
 
     model, processor = _build(family, num_hidden_layers=3, hidden_size=32, intermediate_size=64)
     cfg = model.config
@@ -193,7 +193,7 @@ def test_tiny_vision_sizes_can_be_overridden(family):
 
 
 def test_tiny_vision_with_sizes_is_kept_only_for_the_same_sizes(tmp_path):
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     bigger = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64)
     out = build_tiny_vision(tmp_path / "m", "clip", seed=0, **bigger)
@@ -212,7 +212,7 @@ def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepa
     best step's weights end the run, and `vlmtax predict` on the finished run writes the best step's table."""
     from test_evaluation import _quiet
 
-    from vlmtax.score import score
+    from vlmtax.evaluate.score import score
 
     out = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, f"heads.mode={mode}", "train.max_steps=6",
                "train.save_steps=2", "train.eval_metric=true", "train.best_by=score", "train.lr=0.05")

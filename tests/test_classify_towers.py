@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import FAMILIES, RECIPES, tiny_overrides
 
-from vlmtax.backbone import load_encoder
-from vlmtax.classify import lora_encoder
-from vlmtax.recipe import load_recipe
+from vlmtax.heads.train import lora_encoder
+from vlmtax.models.backbone import load_encoder
+from vlmtax.train.recipe import load_recipe
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,7 +28,7 @@ def test_lora_mode_wraps_every_linear_of_a_vlm_tower(family, family_model_dirs, 
 
 def test_each_classify_rank_puts_its_backbone_on_its_own_gpu(tiny_clip_dir, prepared_dir, tmp_path, monkeypatch):
     """Rank 1 of a launched run (LOCAL_RANK=1) on a 2-GPU machine: its backbone goes to cuda:1, not cuda:0."""
-    from vlmtax.loading import Hardware
+    from vlmtax.models.loading import Hardware
     from vlmtax.sft import train
 
     seen = []
@@ -40,7 +40,7 @@ def test_each_classify_rank_puts_its_backbone_on_its_own_gpu(tiny_clip_dir, prep
         seen.append(device)
         raise Placed
 
-    monkeypatch.setattr("vlmtax.classify.build_classifier", record)
+    monkeypatch.setattr("vlmtax.heads.train.build_classifier", record)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     recipe = load_recipe(RECIPES / "tiny_heads_cpu.yaml", tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "o"))
@@ -55,8 +55,8 @@ def test_predict_runs_the_backbone_in_the_training_precision(mode, tiny_clip_dir
     features the heads learnt from; a trained one is fp32 weights under bf16 autocast, as in training."""
     import json
 
-    from vlmtax.classify import encoder_dtype
-    from vlmtax.heads_predict import HeadsPredictor
+    from vlmtax.heads.predictor import HeadsPredictor
+    from vlmtax.heads.train import encoder_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -76,8 +76,8 @@ def test_predict_runs_the_backbone_in_the_training_precision(mode, tiny_clip_dir
         seen.append(dtype)
         raise Loaded
 
-    monkeypatch.setattr("vlmtax.heads_predict.load_encoder", record)
-    monkeypatch.setattr("vlmtax.heads_predict.layout_matches", lambda layout, taxonomy: None)
+    monkeypatch.setattr("vlmtax.heads.predictor.load_encoder", record)
+    monkeypatch.setattr("vlmtax.heads.predictor.layout_matches", lambda layout, taxonomy: None)
     recipe = load_recipe(RECIPES / "tiny_heads_cpu.yaml", tiny_overrides(tiny_clip_dir, tmp_path, tmp_path / "o",
                                                                           f"heads.mode={mode}"))
     with pytest.raises(Loaded):

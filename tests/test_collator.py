@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vlmtax.answer import answer_segments
-from vlmtax.chat import TokenCounter
-from vlmtax.collator import IGNORE, Collator, record_lengths
+from vlmtax.data.answer import answer_segments
+from vlmtax.data.chat import TokenCounter
+from vlmtax.data.records import load_image
+from vlmtax.data.taxonomy import Taxonomy
 from vlmtax.errors import VlmtaxError
-from vlmtax.records import load_image
-from vlmtax.taxonomy import Taxonomy
+from vlmtax.generate.collator import IGNORE, Collator, record_lengths
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_label_mask_token_by_token(setup):
 def test_batch_equals_the_processor_record_by_record(setup):
     """The collator's fast path (one image-processor call, cached prompt ids) equals the processor's output."""
     processor, taxonomy, records = setup
-    from vlmtax.chat import prompt_text
+    from vlmtax.data.chat import prompt_text
 
     recs = records[:6]
     lengths = record_lengths(processor, taxonomy, recs, 3136, 12845056)
@@ -85,7 +85,7 @@ def test_token_count_at_a_pixel_budget_matches_the_processor(setup, tmp_path: Pa
     processor, taxonomy, records = setup
     from PIL import Image
 
-    from vlmtax.chat import prompt_text
+    from vlmtax.data.chat import prompt_text
 
     image = tmp_path / "big.png"
     Image.new("RGB", (300, 200), (10, 200, 30)).save(image)
@@ -116,8 +116,8 @@ def test_a_template_with_system_text_and_allowed_values_is_counted_and_collated_
     """json_with_values: system text and the value lists are in the prompt; prepare's count equals the batch."""
     from conftest import DATA_TEMPLATES
 
-    from vlmtax.answer import render_answer, render_prompt, with_template
-    from vlmtax.prepare_write import make_record
+    from vlmtax.data.answer import render_answer, render_prompt, with_template
+    from vlmtax.data.prepare_write import make_record
 
     processor, taxonomy, records = setup
     tax = with_template(taxonomy, DATA_TEMPLATES / "json_with_values.yaml")

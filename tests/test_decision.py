@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmtax.decision import decide
+from vlmtax.evaluate.decision import decide
 
 
 def test_a_value_never_seen_in_training_does_not_win_every_row():

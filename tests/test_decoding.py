@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmtax.answer import DEFAULT_TEMPLATE, answer_segments, render_prompt
-from vlmtax.chat import SegmentTokenizer, SequenceBuilder
-from vlmtax.decoding import AnswerPlans, ConstrainedDecoder, free_decode, tree_mask
-from vlmtax.loading import load_for_inference
-from vlmtax.taxonomy import Taxonomy
-from vlmtax.template import load_template
+from vlmtax.data.answer import DEFAULT_TEMPLATE, answer_segments, render_prompt
+from vlmtax.data.chat import SegmentTokenizer, SequenceBuilder
+from vlmtax.data.taxonomy import Taxonomy
+from vlmtax.data.template import load_template
+from vlmtax.generate.decoding import AnswerPlans, ConstrainedDecoder, free_decode
+from vlmtax.generate.decoding_rows import tree_mask
+from vlmtax.models.loading import load_for_inference
 
 DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
 
@@ -139,7 +140,7 @@ def test_hybrid_batch_mixes_chosen_values_of_different_token_lengths(family_mode
     values differ in token length, so some candidate rows end in padding. Both ways a state moves on are taken (a
     chosen row that ended unpadded carries it; else one advance of a common length), every score equals teacher
     forcing, and a branch split by the state-copy budget scores the same."""
-    import vlmtax.decoding_rows as decoding_rows
+    import vlmtax.generate.decoding_rows as decoding_rows
 
     model, processor = load_for_inference(family_model_dirs["qwen3_5"])[:2]
     images, categories = rows
@@ -205,7 +206,7 @@ def test_free_decoding_snaps_to_allowed_values(untrained, rows):
 
 def test_scores_are_computed_in_bounded_chunks(untrained, rows, monkeypatch):
     """No head call projects more positions than the chunk bound allows, and chunking changes no score."""
-    import vlmtax.decoding as decoding
+    import vlmtax.generate.decoding as decoding
 
     model, processor = untrained
     images, categories = rows[0][:4], rows[1][:4]
@@ -247,8 +248,8 @@ def test_decoder_refuses_flash_attention_and_non_finite_scores(untrained, rows):
 def test_prompts_equal_the_processor_output_left_padded(template, rows, untrained):
     """The decoders' prompts (the training builder, image tokens expanded from each image's grid) equal the
     processor's own call on the templated texts, padding and image sizes differing within the batch."""
-    from vlmtax.chat import prompt_text
-    from vlmtax.decoding import encode_prompts
+    from vlmtax.data.chat import prompt_text
+    from vlmtax.generate.decoding import encode_prompts
 
     _, processor = untrained
     images, categories = rows

@@ -429,7 +429,7 @@ def _recipe_keys(model, prefix: str = "") -> list[str]:
 
 
 def test_recipes_doc_names_every_recipe_field():
-    from vlmtax.recipe import Recipe
+    from vlmtax.train.schema import Recipe
 
     text = (DOCS / "recipes.md").read_text(encoding="utf-8")
     undocumented = [k for k in _recipe_keys(Recipe) if f"`{k}`" not in text]
@@ -455,7 +455,7 @@ def test_docs_name_every_cli_verb_and_option():
 
 
 def test_every_reject_reason_is_documented_and_real():
-    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "vlmtax").glob("*.py"))
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "vlmtax").rglob("*.py"))
     doc = (DOCS / "data-formats.md").read_text(encoding="utf-8")
     for reason in REJECT_REASONS:
         assert f'"{reason}"' in source, f"{reason} is not a reason the code emits"

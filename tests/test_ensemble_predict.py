@@ -8,9 +8,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from vlmtax.ensemble import ensemble
+from vlmtax.evaluate.ensemble import ensemble
+from vlmtax.evaluate.tune import Settings, tune
 from vlmtax.predict import predict
-from vlmtax.tune import Settings, tune
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

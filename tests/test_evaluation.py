@@ -10,9 +10,9 @@ from conftest import TINY_RECIPE, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.evaluation import sample_truth
-from vlmtax.score import score
+from vlmtax.evaluate.score import score
 from vlmtax.sft import sft
+from vlmtax.train.evaluation import sample_truth
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,11 +72,13 @@ def test_bad_combinations_are_one_line_errors(tiny_model_dir, prepared_dir, tmp_
 
 def test_generate_route_decodes_with_the_runs_template(json_run_dir, synth_dir, tmp_path):
     """The in-training metric decodes as predict does, in the run's own answer layout (here JSON)."""
-    from vlmtax.evaluation import generate_route, plan_eval_rows
+    from vlmtax.data.records import load_records
+    from vlmtax.data.run_taxonomy import load_taxonomy
     from vlmtax.fileio import read_csv
-    from vlmtax.loading import load_for_inference, load_taxonomy
+    from vlmtax.generate.predictor import generate_route
+    from vlmtax.models.loading import load_for_inference
     from vlmtax.predict import predict
-    from vlmtax.records import load_records
+    from vlmtax.train.evaluation import plan_eval_rows
 
     data = json_run_dir.parent / "data"
     taxonomy = load_taxonomy(json_run_dir, None)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import FAMILIES, TINY_RECIPE, tiny_overrides
 
+from vlmtax.data.taxonomy import SLOT_COLUMNS, Taxonomy
 from vlmtax.errors import VlmtaxError
-from vlmtax.families import FAMILIES as TABLE
-from vlmtax.merge import merge
+from vlmtax.generate.merge import merge
+from vlmtax.models.families import FAMILIES as TABLE
 from vlmtax.predict import predict
 from vlmtax.sft import sft
-from vlmtax.taxonomy import SLOT_COLUMNS, Taxonomy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

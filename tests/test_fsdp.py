@@ -8,7 +8,7 @@ import torch
 from conftest import RECIPES, TINY_RECIPE, tiny_overrides
 from transformers import Trainer
 
-from vlmtax.recipe import load_recipe
+from vlmtax.train.recipe import load_recipe
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def fsdp_on(monkeypatch):
 
 
 def test_generate_route_builds_its_lora_plus_optimizer_under_fsdp(fsdp_on, tiny_model_dir, prepared_dir, tmp_path):
-    from vlmtax.sft import load_model, prepare_model
-    from vlmtax.train_loop import build_trainer
+    from vlmtax.generate.model import load_model, prepare_model
+    from vlmtax.generate.trainer import build_trainer
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
                                                      "lora.plus_ratio=16", "train.lr=0.001", "train.eval=false"))
@@ -36,9 +36,9 @@ def test_generate_route_builds_its_lora_plus_optimizer_under_fsdp(fsdp_on, tiny_
 
 
 def test_classify_route_builds_its_optimizer_under_fsdp(fsdp_on, tiny_clip_dir, prepared_dir, tmp_path):
-    from vlmtax.classify import build_classifier
-    from vlmtax.classify_data import load_classify_data
-    from vlmtax.classify_trainer import build_heads_trainer
+    from vlmtax.heads.data import load_classify_data
+    from vlmtax.heads.train import build_classifier
+    from vlmtax.heads.trainer import build_heads_trainer
 
     recipe = load_recipe(RECIPES / "tiny_heads_cpu.yaml", tiny_overrides(
         tiny_clip_dir, prepared_dir, tmp_path / "run", "heads.mode=full", "train.lr=0.01", "heads.backbone_lr=0.001",
@@ -56,8 +56,8 @@ def test_classify_route_builds_its_optimizer_under_fsdp(fsdp_on, tiny_clip_dir, 
 
 @pytest.fixture
 def lora_trainer(fsdp_on, tiny_model_dir, prepared_dir, tmp_path):
-    from vlmtax.sft import load_model, prepare_model
-    from vlmtax.train_loop import build_trainer
+    from vlmtax.generate.model import load_model, prepare_model
+    from vlmtax.generate.trainer import build_trainer
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
                                                      "train.eval=false"))
@@ -69,7 +69,7 @@ def test_sharded_state_dict_config_still_saves_the_weights(lora_trainer, monkeyp
     """recipes/accelerate/fsdp.yaml keeps SHARDED_STATE_DICT for its checkpoints; the run dir gets whole weights."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from vlmtax.sft import save_run
+    from vlmtax.generate.train import save_run
 
     recipe, processor, trainer = lora_trainer
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
@@ -81,7 +81,7 @@ def test_sharded_state_dict_config_still_saves_the_weights(lora_trainer, monkeyp
 
 def test_a_run_without_weights_is_never_marked_finished(lora_trainer, monkeypatch):
     from vlmtax.errors import VlmtaxError
-    from vlmtax.sft import save_run
+    from vlmtax.generate.train import save_run
 
     recipe, processor, trainer = lora_trainer
     monkeypatch.setattr(trainer, "save_model", lambda output_dir=None: None)  # what a sharded save wrote
@@ -96,9 +96,9 @@ def test_vision_cache_prepass_runs_on_the_ranks_device(tiny_model_dir, prepared_
     import contextlib
     import types
 
-    from vlmtax import vision_cache
-    from vlmtax.records import load_records
-    from vlmtax.sft import load_model, prepare_model
+    from vlmtax.data.records import load_records
+    from vlmtax.generate import vision_cache
+    from vlmtax.generate.model import load_model, prepare_model
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora",
                                                      "freeze.vision=true", "freeze.projector=true"))
@@ -119,8 +119,8 @@ def test_fill_takes_the_tower_to_the_device_and_back(tiny_model_dir, synth_dir, 
     home afterwards, error or not ("meta" stands in for a GPU on a CPU-only machine)."""
     import contextlib
 
-    from vlmtax import vision_cache
-    from vlmtax.loading import load_processor, load_weights
+    from vlmtax.generate import vision_cache
+    from vlmtax.models.loading import load_processor, load_weights
 
     model = load_weights(tiny_model_dir, torch.float32)
     tower = vision_cache.vision_tower(model)

@@ -12,11 +12,12 @@ import torch
 from conftest import TINY_RECIPE
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.loading import Hardware, ModelDir, default_device, resolve_dtype
-from vlmtax.merge import merge_dtype
-from vlmtax.recipe import load_recipe
-from vlmtax.sft import load_model, prepare_model, resolve_precision
-from vlmtax.train_loop import training_args
+from vlmtax.generate.merge import merge_dtype
+from vlmtax.generate.model import load_model, prepare_model
+from vlmtax.generate.trainer import training_args
+from vlmtax.models.loading import Hardware, ModelDir, default_device, resolve_dtype
+from vlmtax.train.recipe import load_recipe
+from vlmtax.train.run import resolve_precision
 
 
 def _gpu(monkeypatch, capability: tuple[int, int], count: int = 1) -> None:
@@ -93,7 +94,7 @@ def test_qlora_loads_onto_each_ranks_own_gpu(tiny_model_dir, tmp_path, monkeypat
         seen.update(extra, dtype=dtype)
         return types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2_vl"))
 
-    monkeypatch.setattr("vlmtax.sft.load_weights", fake_load)
+    monkeypatch.setattr("vlmtax.generate.model.load_weights", fake_load)
     monkeypatch.setenv("LOCAL_RANK", "1")
     load_model(_recipe(tmp_path, "quantization=4bit", "finetuning=lora", model=str(tiny_model_dir)), "fp16")
     assert seen["device_map"] == {"": 1}
@@ -124,7 +125,7 @@ def test_liger_patch_is_applied_per_family_without_its_loss(tiny_model_dir, tmp_
     assert calls[0]["rms_norm"] and calls[0]["swiglu"] and not calls[0]["rope"]  # a no-op on Qwen2-VL (families.py)
     assert training_args(recipe, "fp32", False).use_liger_kernel is False
     model.config.model_type = "llava"
-    from vlmtax.sft import apply_liger
+    from vlmtax.generate.model import apply_liger
 
     with pytest.raises(VlmtaxError, match="model type 'llava', which vlmtax does not support"):
         apply_liger(model)

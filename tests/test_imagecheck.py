@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtax import imagecheck
-from vlmtax.imagecheck import cache_file, check_image, check_images
+from vlmtax.data import imagecheck
+from vlmtax.data.imagecheck import cache_file, check_image, check_images
 
 
 def _photo(fmt: str = "JPEG", size=(96, 128), **save) -> bytes:

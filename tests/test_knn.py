@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from conftest import RECIPES, tiny_overrides
 
-from vlmtax.backbone import load_encoder, load_image_processor
-from vlmtax.classify_data import load_classify_data
-from vlmtax.knn import fit_knn, knn_probabilities
-from vlmtax.recipe import load_recipe
+from vlmtax.heads.data import load_classify_data
+from vlmtax.heads.knn import fit_knn, knn_probabilities
+from vlmtax.models.backbone import load_encoder, load_image_processor
+from vlmtax.train.recipe import load_recipe
 
 
 def test_knn_bank_holds_no_validation_row(tiny_clip_dir, prepared_dir, tmp_path):
@@ -22,7 +22,7 @@ def test_knn_bank_holds_no_validation_row(tiny_clip_dir, prepared_dir, tmp_path)
     bank = fit_knn(recipe, data, encoder, processor)
     assert len(bank["features"]) == len(bank["labels"]) == len(bank["categories"]) == len(data.train.images)
     # A validation row's nearest neighbour is another row, never itself (a leaked bank gives cosine 1).
-    from vlmtax.features import FeatureCache, backbone_fingerprint, cached_features
+    from vlmtax.heads.features import FeatureCache, backbone_fingerprint, cached_features
 
     cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(recipe.model, processor, torch.float32))
     val, _ = cached_features(encoder, processor, data.val.images, cache, 16)

@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from vlmtax.families import FAMILIES
+from vlmtax.models.families import FAMILIES
 
 # What liger-kernel 0.8's apply_liger_kernel_to_<family>(rope=True) assigns in transformers' modeling module
 # (liger_kernel/transformers/monkey_patch.py); Qwen3.5's patch refuses rope=True.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtax import loading
+from vlmtax.models import loading
 
 
 def test_trust_remote_code_follows_the_run_metadata(tmp_path: Path, monkeypatch):

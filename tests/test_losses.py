@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmtax.heads import Heads, HeadSpec
-from vlmtax.losses import IGNORE, LossCfg, class_balanced_weights, class_weights, head_loss, ldam_margins
-from vlmtax.samplers import BalancedSampler, CategorySampler, RandomSampler, balanced_row_weights
+from vlmtax.heads.losses import IGNORE, LossCfg, class_balanced_weights, class_weights, head_loss, ldam_margins
+from vlmtax.heads.model import Heads, HeadSpec
+from vlmtax.heads.samplers import BalancedSampler, CategorySampler, RandomSampler, balanced_row_weights
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2], [-1.0, 2.5, 0.0], [0.7, 0.7, 0.7]])
 TARGETS = torch.tensor([0, 2, 1, 0])
@@ -114,9 +114,9 @@ def separate_heads(kind: str, dim: int, width: int) -> torch.nn.ModuleList:
 @pytest.mark.parametrize("cfg", [LossCfg("ce", label_smoothing=0.1), LossCfg("cb_focal", gamma=2.0),
                                  LossCfg("ldam", drw_start=0.5), LossCfg("focal", beta=0.99, gamma=1.0)])
 def test_fused_heads_equal_separate_heads_in_logits_loss_and_gradients(kind, cfg):
-    from vlmtax.classify_trainer import heads_loss
-    from vlmtax.heads import category_groups, fuse_per_head_state, load_heads_state, values_mask
-    from vlmtax.losses import category_loss_table
+    from vlmtax.heads.losses import category_loss_table
+    from vlmtax.heads.model import category_groups, fuse_per_head_state, load_heads_state, values_mask
+    from vlmtax.heads.trainer import heads_loss
 
     torch.manual_seed(0)
     dim, width = 6, 5

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Qwen2VLForConditionalGeneration
 
-import vlmtax.merge as merge_module
+import vlmtax.generate.merge as merge_module
 from vlmtax.errors import VlmtaxError
-from vlmtax.merge import merge
+from vlmtax.generate.merge import merge
 from vlmtax.predict import predict
 
 MERGED_FILES = ("model.safetensors", "config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json",

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_RECIPE, cli_exit_code, tiny_overrides
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.loading import useful_processes
+from vlmtax.models.loading import useful_processes
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import torch
 from conftest import TINY_RECIPE, tiny_overrides
 from PIL import Image
 
-from vlmtax.packing import first_fit, positions, rope_model
-from vlmtax.recipe import load_recipe
-from vlmtax.sft import load_model, prepare_model
-from vlmtax.train_loop import build_trainer
+from vlmtax.generate.model import load_model, prepare_model
+from vlmtax.generate.packing import first_fit, positions, rope_model
+from vlmtax.generate.trainer import build_trainer
+from vlmtax.train.recipe import load_recipe
 
 
 def test_first_fit_fills_rows_up_to_the_capacity():

@@ -14,27 +14,27 @@ from safetensors.torch import load_file
 from test_classify import FAST, HEADS_RECIPE
 from transformers import AutoProcessor
 
-import vlmtax.records
-from vlmtax.backbone import load_image_processor, process_images, set_qwen_pixels
-from vlmtax.classify_data import Collate, load_classify_data
-from vlmtax.collator import Collator
-from vlmtax.pixel_cache import PixelCache
+import vlmtax.data.records
+from vlmtax.data.pixel_cache import PixelCache
+from vlmtax.data.taxonomy import Taxonomy
+from vlmtax.generate.collator import Collator
+from vlmtax.heads.data import Collate, load_classify_data
+from vlmtax.models.backbone import load_image_processor, process_images, set_qwen_pixels
 from vlmtax.sft import sft
-from vlmtax.taxonomy import Taxonomy
 
 
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
     """Every image path the collators decode, in order."""
     seen: list[str] = []
-    real = vlmtax.records.load_image
+    real = vlmtax.data.records.load_image
 
     def counting(path):
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr(vlmtax.records, "load_image", counting)
-    monkeypatch.setattr(vlmtax.collator, "load_image", counting)
+    monkeypatch.setattr(vlmtax.data.records, "load_image", counting)
+    monkeypatch.setattr(vlmtax.generate.collator, "load_image", counting)
     return seen
 
 

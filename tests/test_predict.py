@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from conftest import DATA_TEMPLATES, TINY_RECIPE, tiny_overrides
 
+from vlmtax.data.taxonomy import SLOT_COLUMNS, Taxonomy
 from vlmtax.errors import VlmtaxError
 from vlmtax.predict import predict
-from vlmtax.taxonomy import SLOT_COLUMNS, Taxonomy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -268,7 +268,7 @@ def _template_run(template: str, request, synth_dir, tiny_model_dir, tmp_path) -
     if template == "json":
         run = request.getfixturevalue("json_run_dir")
         return run, run.parent / "data"
-    from vlmtax.prepare import prepare
+    from vlmtax.data.prepare import prepare
     from vlmtax.sft import sft
 
     prepare(csv=synth_dir / "train.csv", images=synth_dir / "train_images", out=tmp_path / "data", workers=1,
@@ -280,7 +280,7 @@ def _template_run(template: str, request, synth_dir, tiny_model_dir, tmp_path) -
 
 @pytest.mark.parametrize("template", ["lines", "json", "json_with_values"])
 def test_each_shipped_template_goes_prepare_sft_predict_score(template, request, synth_dir, tiny_model_dir, tmp_path):
-    from vlmtax.score import score
+    from vlmtax.evaluate.score import score
 
     run, data = _template_run(template, request, synth_dir, tiny_model_dir, tmp_path)
     tax = Taxonomy.load(run / "taxonomy.json")

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vlmtax.data.prepare import _stratified_split, prepare
+from vlmtax.data.taxonomy import Taxonomy
 from vlmtax.errors import VlmtaxError
-from vlmtax.prepare import _stratified_split, prepare
-from vlmtax.taxonomy import Taxonomy
 
 ATTRS = {"categories": {"Tees": ["color", "neck", "sleeve"], "Sarees": ["border", "blouse", "color"]}}
 

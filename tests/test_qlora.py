@@ -11,8 +11,8 @@ from conftest import FAMILIES, TINY_RECIPE, tiny_overrides
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from vlmtax.recipe import load_recipe
-from vlmtax.sft import _skeleton, load_model, prepare_model
+from vlmtax.generate.model import load_model, prepare_model, skeleton
+from vlmtax.train.recipe import load_recipe
 
 
 def _recipe(model, tmp_path, *extra):
@@ -27,14 +27,14 @@ def test_qlora_quantises_the_language_model_only(family, family_model_dirs, tmp_
         seen.update(extra)
         return types.SimpleNamespace(config=types.SimpleNamespace(model_type=family))
 
-    monkeypatch.setattr("vlmtax.sft.load_weights", fake_load)
+    monkeypatch.setattr("vlmtax.generate.model.load_weights", fake_load)
     recipe = _recipe(family_model_dirs[family], tmp_path, "quantization=4bit", "finetuning=lora")
     load_model(recipe, "fp16")
-    skeleton = _skeleton(recipe)  # the real module names, as the quantizer walks them
+    model = skeleton(recipe)  # the real module names, as the quantizer walks them
     config = seen["quantization_config"]
-    skip = HfQuantizer.get_modules_to_not_convert(skeleton, config.llm_int8_skip_modules,
-                                                  skeleton._keep_in_fp32_modules)
-    linear = [n for n, m in skeleton.named_modules() if type(m) is torch.nn.Linear]
+    skip = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
+                                                  model._keep_in_fp32_modules)
+    linear = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     converted = {n for n in linear if should_convert_module(n, skip)}
     tower = [n for n in linear if n.startswith("model.visual.")]
     assert tower and not converted & set(tower), sorted(converted & set(tower))[:3]

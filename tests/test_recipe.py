@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.families import FAMILIES, family_of
-from vlmtax.loading import Hardware
-from vlmtax.recipe import Recipe, load_recipe
-from vlmtax.sft import (
-    check_gpu_features,
-    lora_config,
-    lora_target_regex,
-    quantization_config,
-    resolve_precision,
-)
+from vlmtax.generate.model import check_gpu_features, lora_config, lora_target_regex, quantization_config
+from vlmtax.models.families import FAMILIES, family_of
+from vlmtax.models.loading import Hardware
+from vlmtax.train.recipe import load_recipe
+from vlmtax.train.run import resolve_precision
+from vlmtax.train.schema import Recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 CPU, A100 = Hardware(cuda=False, bf16_ok=False), Hardware(True, True)
@@ -161,12 +157,12 @@ def test_an_unsupported_family_is_a_one_line_error_listing_the_supported_ones():
     assert all(name in err.value.fix for name in FAMILIES)
 
 
-def _skeleton(family: str):
+def skeleton(family: str):
     """The family's tiny architecture on the meta device: module names without weights or a tokenizer."""
     from transformers import AutoModelForImageTextToText
 
-    from vlmtax.tiny_families import TINY_FAMILIES
-    from vlmtax.tiny_model import SPECIAL_TOKENS
+    from vlmtax.models.tiny_families import TINY_FAMILIES
+    from vlmtax.models.tiny_model import SPECIAL_TOKENS
 
     config = TINY_FAMILIES[family].config({t: i for i, t in enumerate(SPECIAL_TOKENS)}, 256)
     with torch.device("meta"):
@@ -177,7 +173,7 @@ def _skeleton(family: str):
                                                   ("qwen3_vl", {"merger", "deepstack_merger_list.0"}),
                                                   ("qwen3_5", {"merger"})])
 def test_lora_config_trains_projector_when_unfrozen(family, projector):
-    model = _skeleton(family)
+    model = skeleton(family)
     cfg = lora_config(_recipe(freeze={"projector": False}, lora={"modules_to_save": ["lm_head"], "rank": 4}), model)
     assert set(cfg.modules_to_save) == {"lm_head", *projector} and cfg.r == 4
     assert lora_config(_recipe(lora={"modules_to_save": []}), model).modules_to_save is None

@@ -24,9 +24,9 @@ from conftest import cli_exit_code
 from test_bad_inputs import Case, Ctx
 from test_bad_inputs import test_bad_input as _run_bad_input
 
-from vlmtax.metric import infer_taxonomy
-from vlmtax.report import calibration, confusion, per_value
-from vlmtax.report_html import SHEET, THUMB_PX
+from vlmtax.evaluate.metric import infer_taxonomy
+from vlmtax.evaluate.report import calibration, confusion, per_value
+from vlmtax.evaluate.report_html import SHEET, THUMB_PX
 
 
 def _submission(truth: pd.DataFrame, every: int, conf: float) -> tuple[pd.DataFrame, list[dict]]:

@@ -15,10 +15,10 @@ import pytest
 from rich.console import Console
 from sklearn.metrics import f1_score
 
+from vlmtax.data.taxonomy import Attribute, Category, Taxonomy
 from vlmtax.errors import VlmtaxError
-from vlmtax.metric import NO_PREDICTION, compute_metric, constant_prediction, f1_micro_macro, infer_taxonomy
-from vlmtax.score import score
-from vlmtax.taxonomy import Attribute, Category, Taxonomy
+from vlmtax.evaluate.metric import NO_PREDICTION, compute_metric, constant_prediction, f1_micro_macro, infer_taxonomy
+from vlmtax.evaluate.score import score
 
 Row = tuple[str, str, int, list[str | None]]
 

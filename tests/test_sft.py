@@ -15,9 +15,11 @@ from conftest import TINY_RECIPE, cli_exit_code, sft_with_nan_on_rank1, tiny_ove
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.recipe import load_recipe
-from vlmtax.sft import Hardware, load_model, prepare_model, sft
-from vlmtax.train_loop import build_trainer, loraplus_optimizer
+from vlmtax.generate.model import load_model, prepare_model
+from vlmtax.generate.trainer import build_trainer, loraplus_optimizer
+from vlmtax.models.loading import Hardware
+from vlmtax.sft import sft
+from vlmtax.train.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -63,8 +65,8 @@ def test_a_frozen_tower_stays_out_of_the_backward_pass(tiny_model_dir, prepared_
     """Gradient checkpointing hooks the tower's patch embedding so that its output requires grad, and the
     backward pass then ran through the frozen tower for nothing. Training takes the hook off (the language
     model's stays); the trained weights' gradients, the projector's included, are the same without it."""
-    from vlmtax.train_loop import drop_frozen_tower_input_grads
-    from vlmtax.vision_cache import vision_tower
+    from vlmtax.generate.trainer import drop_frozen_tower_input_grads
+    from vlmtax.generate.vision_cache import vision_tower
 
     recipe = _recipe(tiny_model_dir, prepared_dir, tmp_path / "run", "finetuning=lora", "freeze.vision=true",
                      "freeze.projector=false", "train.cache_vision=false", "train.gradient_checkpointing=true",

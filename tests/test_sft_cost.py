@@ -56,7 +56,7 @@ def test_model_without_config_is_an_error(sft_cost):
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_newer_families_report_refused_levers_as_not_applicable(sft_cost, family_model_dirs, family, capsys):
-    from vlmtax.families import FAMILIES
+    from vlmtax.models.families import FAMILIES
 
     [r] = sft_cost.main(["--recipe", str(TINY_RECIPE), "--prompt-tokens", "8", "--answer-tokens", "4",
                          f"model={family_model_dirs[family]}", "finetuning=lora", "freeze.vision=true",

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmtax import synth as synth_module
-from vlmtax.catalogue import read_category_attributes
+from vlmtax.data import synth as synth_module
+from vlmtax.data.catalogue import read_category_attributes
+from vlmtax.data.synth import _Painter, load_stats, synth
+from vlmtax.data.taxonomy import SLOT_COLUMNS, normalise
 from vlmtax.errors import VlmtaxError
-from vlmtax.synth import _Painter, load_stats, synth
-from vlmtax.taxonomy import SLOT_COLUMNS, normalise
 
 STATS = load_stats()
 ATTRS = {c["name"]: [a["name"] for a in c["attributes"]] for c in STATS["categories"]}

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
+from vlmtax.data.taxonomy import Remap, Taxonomy, build_taxonomy, normalise, slot_order
 from vlmtax.errors import VlmtaxError
-from vlmtax.taxonomy import Remap, Taxonomy, build_taxonomy, normalise, slot_order
 
 
 def test_normalise():

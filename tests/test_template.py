@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmtax.data.template import Template, load_template, substitute
 from vlmtax.errors import VlmtaxError
-from vlmtax.template import Template, load_template, substitute
 
 DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
 

@@ -19,9 +19,9 @@ from conftest import RECIPES, cli_exit_code, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
+from vlmtax.models.timm_backbone import PACKAGED, Packaged, build_random_timm, packaged_weights_file
 from vlmtax.predict import predict
 from vlmtax.sft import sft
-from vlmtax.timm_backbone import PACKAGED, Packaged, build_random_timm, packaged_weights_file
 
 HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
 FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
@@ -48,7 +48,7 @@ def _top1(folder: Path, images: list, **norm: tuple) -> list[int]:
     `norm`'s mean/std instead, when given)."""
     import timm
 
-    from vlmtax.backbone import load_image_processor
+    from vlmtax.models.backbone import load_image_processor
 
     processor = load_image_processor(folder)
     if norm:
@@ -147,7 +147,7 @@ def test_timm_lora_wraps_linear_and_pointwise_layers(seed_004_dirs, prepared_dir
 
 
 def test_knn_and_processor_round_trip_on_imported_weights(lite0_dir, prepared_dir, synth_dir, tmp_path):
-    from vlmtax.backbone import load_image_processor
+    from vlmtax.models.backbone import load_image_processor
 
     run = _sft(lite0_dir, prepared_dir, tmp_path / "knn", tmp_path, "heads.kind=knn", "heads.mode=frozen",
                "heads.k=3", "image.size=64", "image.crop_pct=1.0")

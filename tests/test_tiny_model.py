@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.tiny_model import SPECIAL_TOKENS, build_tiny_model
+from vlmtax.models.tiny_model import SPECIAL_TOKENS, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +171,8 @@ def test_vocab_size_pads_the_embedding(tmp_path):
 ])
 def test_each_family_reloads_with_its_classes_layout_and_template(family, model_class, processor_class,
                                                                    tokenizer_class, family_model_dirs):
-    from vlmtax.chat import prompt_text
-    from vlmtax.families import family_of
+    from vlmtax.data.chat import prompt_text
+    from vlmtax.models.families import family_of
 
     folder = family_model_dirs[family]
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()

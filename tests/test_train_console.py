@@ -1,4 +1,4 @@
-"""vlmtax.train_console: one compact line per evaluation instead of the Trainer's dicts; dicts in train.log."""
+"""vlmtax.train.console: one compact line per evaluation instead of the Trainer's dicts; dicts in train.log."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from vlmtax import train_console
-from vlmtax.train_loop import planned_max_steps
+from vlmtax.train import console as train_console
+from vlmtax.train.steps import planned_max_steps
 
 
 def _state(step: int, epoch: float) -> SimpleNamespace:

@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY_RECIPE, tiny_overrides
 
 from vlmtax.errors import VlmtaxError
-from vlmtax.recipe import load_recipe
-from vlmtax.train_loop import training_args
+from vlmtax.generate.trainer import training_args
+from vlmtax.train.recipe import load_recipe
 
 
 def _recipe(tmp_path: Path, *extra: str):
@@ -69,8 +69,8 @@ def test_a_value_sft_config_refuses_is_a_one_line_error(tiny_model_dir, prepared
 def test_optim_is_the_optimizer_the_trainer_builds(tiny_model_dir, prepared_dir, tmp_path):
     import torch
 
-    from vlmtax.sft import load_model, prepare_model
-    from vlmtax.train_loop import build_trainer
+    from vlmtax.generate.model import load_model, prepare_model
+    from vlmtax.generate.trainer import build_trainer
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_model_dir, prepared_dir, tmp_path / "run",
                                                      "lora.plus_ratio=null", "train.extra.optim=sgd"))

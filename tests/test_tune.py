@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmtax.decision import f1_codes, simplex_grid
-from vlmtax.ensemble import ensemble
+from vlmtax.data.taxonomy import SLOT_COLUMNS, build_taxonomy
 from vlmtax.errors import VlmtaxError
-from vlmtax.metric import compute_metric, f1_micro_macro, harmonic
-from vlmtax.taxonomy import SLOT_COLUMNS, build_taxonomy
-from vlmtax.tune import Settings, tune
+from vlmtax.evaluate.decision import f1_codes, simplex_grid
+from vlmtax.evaluate.ensemble import ensemble
+from vlmtax.evaluate.metric import compute_metric, f1_micro_macro, harmonic
+from vlmtax.evaluate.tune import Settings, tune
 
 COLOURS = ["red", "blue", "green"]
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_tune import COLOURS, _probs, _taxonomy, _truth
 
-from vlmtax import decision
-from vlmtax.decision import simplex_grid, simplex_sample, simplex_size
-from vlmtax.tune import Settings, tune
+from vlmtax.evaluate import decision
+from vlmtax.evaluate.decision import simplex_grid, simplex_sample, simplex_size
+from vlmtax.evaluate.tune import Settings, tune
 
 
 def test_simplex_sample_stays_on_the_grid():
@@ -39,7 +39,7 @@ def test_eight_models_are_searched_within_the_budget(tmp_path, monkeypatch, caps
         sizes.append(len(grid))
         return real(data, grid, *args, **kwargs)
 
-    monkeypatch.setattr("vlmtax.tune.score_table", counted)
+    monkeypatch.setattr("vlmtax.evaluate.tune.score_table", counted)
     dec = tune(files, _truth(tmp_path / "t.csv", truth), tmp_path / "d.json",
                _taxonomy(tmp_path, {"red": 5, "blue": 5, "green": 5}),
                Settings(taus=(0.0, 0.5), max_points=300, bootstrap=20))

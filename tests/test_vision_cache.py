@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, tiny_overrides
 
-from vlmtax import vision_cache
 from vlmtax.errors import VlmtaxError
-from vlmtax.recipe import load_recipe
-from vlmtax.sft import load_model, prepare_model
-from vlmtax.train_loop import build_trainer
+from vlmtax.generate import vision_cache
+from vlmtax.generate.model import load_model, prepare_model
+from vlmtax.generate.trainer import build_trainer
+from vlmtax.train.recipe import load_recipe
 
 FROZEN = ("finetuning=lora", "freeze.vision=true", "freeze.projector=true", "train.eval=false")
 

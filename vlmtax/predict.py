@@ -6,27 +6,26 @@ batch is appended to `<out>.partial` (JSONL; first line a fingerprint of the arg
 the same arguments keeps those rows and decodes only the batches still missing, each with exactly its
 original rows, so the resumed CSV is identical to an uninterrupted run's. The final files are written
 atomically, then the partial file is removed. The partial files and the shares that
-`--num-processes N` hands out live in predict_shares.py.
+`--num-processes N` hands out live in inference/shares.py; rows, batches and outputs in inference/rows.py and
+inference/outputs.py; the routes' decoders in generate/predictor.py and heads/predictor.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from PIL import Image
-
-from vlmtax.catalogue import DEFAULT_IMAGE_PATTERN, REJECT_COLUMNS, geometry_reject, row_images
-from vlmtax.errors import VlmtaxError, first_line
-from vlmtax.fileio import atomic_path, check_writable, file_sha256, guard_outputs, read_csv, write_csv
-from vlmtax.predict_shares import (
+from vlmtax.data.catalogue import DEFAULT_IMAGE_PATTERN
+from vlmtax.data.taxonomy import Taxonomy
+from vlmtax.errors import VlmtaxError
+from vlmtax.fileio import check_writable, file_sha256, guard_outputs, read_csv
+from vlmtax.inference.outputs import write_outputs
+from vlmtax.inference.rows import Row, decode_batch, make_batches, plan_rows
+from vlmtax.inference.shares import (
     Launched,
     Partial,
     Share,
@@ -37,121 +36,8 @@ from vlmtax.predict_shares import (
     saved_rows,
 )
 from vlmtax.progress import progress_iter
-from vlmtax.taxonomy import SLOT_COLUMNS, Category, Taxonomy
 
 MODES = ("constrained", "free")
-
-
-@dataclass
-class Row:
-    index: int  # position in the input CSV
-    id: str
-    category_text: str
-    category: Category | None
-    image: Path | None
-    pixels: int = 0
-    reject: tuple[str, str] | None = None
-
-
-def plan_rows(frame: pd.DataFrame, taxonomy: Taxonomy, images: Path, image_pattern: str) -> list[Row]:
-    """Every input row, with the reason it cannot go to the model (unknown category, no image) if any."""
-    cat_texts = ["" if pd.isna(c) else " ".join(str(c).split()) for c in frame["Category"]]
-    known = [taxonomy.categories.get(c) for c in cat_texts]
-    resolved = row_images(frame, images, image_pattern, skip=[c is None for c in known])
-    rows = []
-    for i, (raw_id, cat_text, cat, (path, reject)) in enumerate(zip(frame["id"], cat_texts, known, resolved)):
-        row = Row(i, "" if pd.isna(raw_id) else str(raw_id).strip(), cat_text, cat, path)
-        rows.append(row)
-        if row.category is None:
-            row.reject = ("unknown_category", f"{cat_text!r} is not in the taxonomy")
-        elif not row.category.trained():
-            # The model never saw this category: its slots can only hold the filler, which is no prediction.
-            row.reject = ("untrained_category", f"no training row of {cat_text!r} held a label")
-        elif reject:
-            row.reject = reject
-        elif not row.image.is_file():
-            row.reject = ("missing_image", str(row.image))
-        else:
-            try:
-                with Image.open(row.image) as img:
-                    row.pixels = img.size[0] * img.size[1]
-                    refused = geometry_reject(*img.size)
-                if refused is not None:
-                    row.reject = (refused[0], f"{row.image}: {refused[1]}")
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                row.reject = ("unreadable_image", f"{row.image}: {exc}")
-    return rows
-
-
-def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
-    todo = sorted((r for r in rows if r.reject is None), key=lambda r: (r.category.name, r.pixels, r.index))
-    return [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
-
-
-def _decode_batch(decoder: Any, batch: list[Row], want_probs: bool) -> list[dict[str, Any]]:
-    records, images, ok = [], [], []
-    for row in batch:
-        try:
-            with Image.open(row.image) as img:
-                images.append(img.convert("RGB"))
-            ok.append(row)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            records.append({"row": row.index, "reject": ["unreadable_image", f"{row.image}: {exc}"]})
-    if ok:
-        try:
-            results: list[Any] = decoder.decode(images, [r.category for r in ok])
-        except ValueError:
-            # The processor refused an image of the batch: decode row by row, so only that row is rejected.
-            results = []
-            for row, img in zip(ok, images):
-                try:
-                    results.extend(decoder.decode([img], [row.category]))
-                except ValueError as exc:
-                    results.append(None)
-                    first = first_line(exc)[:200]
-                    records.append({"row": row.index, "reject": ["processor_refused", f"{row.image}: {first}"]})
-        for row, res in zip(ok, results):
-            if res is None:
-                continue
-            rec: dict[str, Any] = {"row": row.index, "values": res.values, "snapped": res.snapped}
-            if want_probs:
-                rec["logliks"] = res.logliks
-                if getattr(res, "probs", None) is not None:  # classify runs give probabilities directly
-                    rec["probs"] = res.probs
-            records.append(rec)
-    return records
-
-
-def _softmax(scores: list[float]) -> list[float]:
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
-def _outputs(rows: list[Row], done: dict[int, dict[str, Any]], taxonomy: Taxonomy, want_probs: bool):
-    """Submission rows (input order), rejects, probability lines."""
-    table, rejects, prob_lines = [], [], []
-    for row in rows:
-        rec = done.get(row.index, {})
-        reject = row.reject or (tuple(rec["reject"]) if "reject" in rec else None)
-        cat = row.category
-        line = dict.fromkeys(SLOT_COLUMNS, taxonomy.filler)
-        if cat is not None:
-            values = rec.get("values") or {a.name: a.mode for a in cat.attributes}
-            line.update({a.column: values[a.name] for a in cat.attributes})
-        table.append({"id": row.id, "Category": row.category_text, "len": cat.len if cat else 0, **line})
-        if reject:
-            rejects.append({"id": row.id, "Category": row.category_text, "reason": reject[0], "detail": reject[1]})
-        if want_probs:
-            attrs = {} if reject or cat is None else {
-                a.name: {"column": a.column, "value": rec["values"][a.name],
-                         "probs": rec["probs"][a.name] if "probs" in rec else
-                         dict(zip(a.values, _softmax(rec["logliks"][a.name])))} for a in cat.attributes}
-            prob_lines.append({"id": row.id, "Category": row.category_text, "attributes": attrs,
-                               **({"reject": reject[0]} if reject else {})})
-    return (pd.DataFrame(table, columns=["id", "Category", "len", *SLOT_COLUMNS]),
-            pd.DataFrame(rejects, columns=REJECT_COLUMNS), prob_lines)
 
 
 def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dtype: str, device: str | None,
@@ -160,14 +46,12 @@ def _decoder_factory(model: str | Path, vlm_path: Path | None, tax: Taxonomy, dt
     free decoder of `mode`, or, where `vlm_path` is None, a classify run's heads."""
     def make() -> Any:
         if vlm_path is None:
-            from vlmtax.heads_predict import HeadsPredictor
+            from vlmtax.heads.predictor import HeadsPredictor
 
             return HeadsPredictor(model, tax, device)
-        from vlmtax.decoding import ConstrainedDecoder, FreeDecoder
-        from vlmtax.loading import load_for_inference
+        from vlmtax.generate.predictor import vlm_decoder
 
-        loaded, processor, _ = load_for_inference(vlm_path, dtype=dtype, device=device)
-        return (ConstrainedDecoder if mode == "constrained" else FreeDecoder)(loaded, processor, tax.template)
+        return vlm_decoder(vlm_path, tax, dtype, device, mode)
 
     return make
 
@@ -184,7 +68,7 @@ def _decode_share(share: Share, make_decoder: Callable[[], Any], batches: list[l
 
     def run() -> Iterator[dict[str, Any]]:
         for n, batch in pending:
-            fresh = [r for r in _decode_batch(decoder, batch, want_probs) if r["row"] not in done]
+            fresh = [r for r in decode_batch(decoder, batch, want_probs) if r["row"] not in done]
             partial.append(fresh)
             done.update((r["row"], r) for r in fresh)
             if on_batch is not None:
@@ -241,7 +125,7 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
             "device": device}
     launched, saved = None, set()
     if launched_share() is None:
-        from vlmtax.loading import useful_processes
+        from vlmtax.models.loading import useful_processes
 
         rows = len(read_csv(csv, "test CSV", ["id", "Category"])) if num_processes > 1 else 1
         num_processes = useful_processes(num_processes, math.ceil(rows / batch_size), "batch", "predict", device)
@@ -260,8 +144,9 @@ def predict(model: str | Path, csv: str | Path, images: str | Path, out: str | P
 def _plan(args: dict[str, Any]) -> tuple[Path | None, Taxonomy, list[Row], list[list[Row]], dict[str, Any]]:
     """The checked inputs: the VLM's folder (None for a classify run), the taxonomy, the rows, their batches
     and the fingerprint that partial files are resumed under."""
-    from vlmtax.heads_predict import heads_run_root
-    from vlmtax.loading import default_device, inspect_model_dir, load_taxonomy
+    from vlmtax.data.run_taxonomy import load_taxonomy
+    from vlmtax.heads.predictor import heads_run_root
+    from vlmtax.models.loading import default_device, inspect_model_dir
 
     model, csv, images, mode = (args[k] for k in ("model", "csv", "images", "mode"))
     default_device(args["device"])
@@ -314,7 +199,7 @@ def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_ba
         (done, todo), forwards = decode_launched(shares, out, fingerprint, batches, launched, decode, saved), 0
     seconds = time.perf_counter() - started
     partials = [s.partial(out, fingerprint).path for s in shares]
-    report = _finish(rows, done, tax, out, probs, mode, rejects_path, partials)
+    report = write_outputs(rows, done, tax, out, probs, mode, rejects_path, partials)
     for path in partials:
         path.unlink(missing_ok=True)
     report.update(seconds=round(seconds, 3), rows_per_s=round(todo / seconds, 2) if todo else None,
@@ -327,30 +212,4 @@ def _predict(args: dict[str, Any], num_processes: int, rejects_path: Path, on_ba
     if mode == "free":
         summary += f"; {report['snapped']} of {report['slots']} generated values were not allowed and were snapped"
     print(summary, flush=True)
-    return report
-
-
-def _finish(rows: list[Row], done: dict[int, dict[str, Any]], tax: Taxonomy, out: Path, probs: str | Path | None,
-            mode: str, rejects_path: Path, partials: list[Path]) -> dict[str, Any]:
-    """Write rejects, probabilities and the submission (atomically, the submission last); the report."""
-    table, rejects, prob_lines = _outputs(rows, done, tax, probs is not None)
-    write_csv(rejects_path, rejects)
-    if len(rejects) == len(rows):
-        for path in partials:
-            path.unlink(missing_ok=True)
-        top = ", ".join(f"{r} {n}" for r, n in rejects["reason"].value_counts().head(3).items())
-        raise VlmtaxError(f"every row was rejected ({top}); reasons per row in {rejects_path}, no submission written",
-                          "check --images, --image-pattern and that --csv's categories are in the model's taxonomy")
-    if probs is not None:
-        with atomic_path(probs) as tmp:
-            tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prob_lines), encoding="utf-8")
-    write_csv(out, table)
-    predicted = sum(1 for r in done.values() if "values" in r)
-    report = {"rows": len(rows), "predicted": predicted, "rejected": len(rejects), "mode": mode, "out": str(out),
-              "rejects": str(rejects_path), "probs": str(probs) if probs else None,
-              "summary": f"wrote {len(rows)} rows to {out} ({predicted} predicted, {len(rejects)} rejected -> "
-                         f"{rejects_path})"}
-    if mode == "free":
-        report.update(snapped=sum(r.get("snapped", 0) for r in done.values()),
-                      slots=sum(len(r["values"]) for r in done.values() if "values" in r))
     return report

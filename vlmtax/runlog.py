@@ -117,7 +117,7 @@ def library_output(log_path: str | Path, stream: TextIO | None = None, mode: str
 
 def command_log(verb: str) -> Path:
     """Where a CLI verb's library output goes when it has no run dir: the user cache, one file per verb."""
-    from vlmtax.imagecheck import cache_dir
+    from vlmtax.fileio import cache_dir
 
     return cache_dir() / "logs" / f"{verb}.log"
 
