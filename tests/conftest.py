@@ -18,6 +18,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# The classify route's tiny recipe, and the overrides that keep a classify test to seconds.
+HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
+HEADS_FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
 TINY_RECIPE = RECIPES / "tiny_cpu.yaml"
 DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
 SAREES_REMAP = "Sarees:attr_1<->attr_4"
@@ -182,3 +185,10 @@ def lite0_dir(tmp_path_factory) -> Path:
     from vlmtax.models.timm_backbone import import_backbone
 
     return import_backbone("efficientnet_lite0", tmp_path_factory.mktemp("lite0") / "model")
+
+
+def quiet_console():
+    """A rich Console that prints nowhere (score/report tables in tests that only read their return value)."""
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"))  # noqa: SIM115

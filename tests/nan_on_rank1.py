@@ -1,4 +1,4 @@
-"""`vlmtax ...` as a launched rank, whose loss is NaN on rank 1 only (tests/test_sft.py and test_classify.py
+"""`vlmtax ...` as a launched rank, whose loss is NaN on rank 1 only (tests/generate/test_sft.py and test_classify.py
 launch it): the generate route's cross-entropy and the classify route's per-category loss are patched."""
 
 import os

@@ -25,7 +25,7 @@ each attribute whose chosen values left a row padded; copies of the state for ev
 row while a branch lasts (bounded by BRANCH_STATE_BYTES per forward: beyond it the branch is split into forwards
 of fewer rows, and the attribute is followed by an advance). The scores are the tree-mask decoder's: value
 tokens plus the closing token, softmaxed over the values, equal to teacher forcing within 1e-4
-(tests/test_decoding.py).
+(tests/generate/test_decoding.py).
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, tiny_overrides
+from conftest import HEADS_FAST, HEADS_RECIPE, RECIPES, tiny_overrides
 from PIL import Image
 from safetensors.torch import load_file
-from test_classify import FAST, HEADS_RECIPE
 from transformers import AutoProcessor
 
 import vlmtax.data.records
@@ -134,7 +133,7 @@ def test_generate_batches_from_the_cache_equal_fresh_ones(tiny_model_dir, prepar
 
 def trained_weights(route: str, mb: int, model: Path, data: Path, out: Path) -> dict[str, torch.Tensor]:
     if route == "classify":
-        sft(HEADS_RECIPE, tiny_overrides(model, data, out, *FAST, "heads.mode=full", "train.batch_size=16",
+        sft(HEADS_RECIPE, tiny_overrides(model, data, out, *HEADS_FAST, "heads.mode=full", "train.batch_size=16",
                                          "train.max_steps=7", f"train.pixel_cache_mb={mb}"))
         return {**load_file(out / "heads.safetensors"), **load_file(out / "backbone.safetensors")}
     sft(RECIPES / "tiny_cpu.yaml", tiny_overrides(model, data, out, "train.batch_size=16", "train.max_steps=7",

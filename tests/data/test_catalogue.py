@@ -13,7 +13,7 @@ from vlmtax.data.prepare_write import _dataset_info
 from vlmtax.data.taxonomy import SLOT_COLUMNS
 
 # The shared label statistics the file was written from, beside the repository (absent in a bare checkout).
-STATS = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "meesho_label_stats.json",
+STATS = next((p for p in (Path(__file__).resolve().parents[3] / "shared" / "meesho_label_stats.json",
                           Path("/work/shared/meesho_label_stats.json")) if p.is_file()), None)
 
 

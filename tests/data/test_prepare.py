@@ -284,7 +284,7 @@ def test_a_remap_declared_twice_is_an_error(catalogue):
         _run(catalogue, remaps=["Sarees:attr_3<->attr_1"])
 
 
-DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+DATA_TEMPLATES = Path(__file__).resolve().parents[2] / "data_templates"
 
 
 def test_a_template_renders_the_records_and_travels_in_the_taxonomy(catalogue):

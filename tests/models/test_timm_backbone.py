@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import RECIPES, cli_exit_code, tiny_overrides
+from conftest import HEADS_FAST, HEADS_RECIPE, RECIPES, cli_exit_code, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
@@ -23,14 +23,12 @@ from vlmtax.models.timm_backbone import PACKAGED, Packaged, build_random_timm, p
 from vlmtax.predict import predict
 from vlmtax.sft import sft
 
-HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
-FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
 # seed 004's small backbones, random: ViTs take a small img_size at build time, convnets any image.size
 SEED_004 = {"eva02_tiny_patch14_224": {"img_size": 56}, "convnextv2_femto": {}, "mobilenetv4_conv_small": {}}
 
 
 def _sft(model: Path, data: Path, out: Path, tmp: Path, *extra: str) -> Path:
-    return sft(HEADS_RECIPE, tiny_overrides(model, data, out, f"heads.cache_dir={tmp / 'cache'}", *FAST, *extra))
+    return sft(HEADS_RECIPE, tiny_overrides(model, data, out, f"heads.cache_dir={tmp / 'cache'}", *HEADS_FAST, *extra))
 
 
 def _size(name: str) -> tuple[str, ...]:

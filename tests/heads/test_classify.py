@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import RECIPES, sft_with_nan_on_rank1, tiny_overrides
+from conftest import HEADS_FAST, HEADS_RECIPE, RECIPES, quiet_console, sft_with_nan_on_rank1, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -23,12 +23,9 @@ from vlmtax.errors import VlmtaxError
 from vlmtax.predict import predict
 from vlmtax.sft import sft
 
-HEADS_RECIPE = RECIPES / "tiny_heads_cpu.yaml"
-FAST = ("train.max_steps=2", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16")
-
 
 def _sft(model: Path, data: Path, out: Path, tmp: Path, *extra: str, recipe: Path = HEADS_RECIPE) -> Path:
-    return sft(recipe, tiny_overrides(model, data, out, f"heads.cache_dir={tmp / 'cache'}", *FAST, *extra))
+    return sft(recipe, tiny_overrides(model, data, out, f"heads.cache_dir={tmp / 'cache'}", *HEADS_FAST, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +207,6 @@ def test_tiny_vision_with_sizes_is_kept_only_for_the_same_sizes(tmp_path):
 def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepared_dir, synth_dir, tmp_path):
     """train.eval_metric on a classify run: the logged score is `vlmtax score` of the step's predictions, the
     best step's weights end the run, and `vlmtax predict` on the finished run writes the best step's table."""
-    from test_evaluation import _quiet
-
     from vlmtax.evaluate.score import score
 
     out = _sft(tiny_clip_dir, prepared_dir, tmp_path / "run", tmp_path, f"heads.mode={mode}", "train.max_steps=6",
@@ -222,7 +217,7 @@ def test_eval_metric_scores_the_heads_as_predict_does(mode, tiny_clip_dir, prepa
     assert [h["step"] for h in logged] == [2, 4, 6]
     for h in logged:
         report = score(out / "eval" / "truth.csv", out / "eval" / f"predictions-step{h['step']}.csv",
-                       taxonomy=out / "taxonomy.json", console=_quiet())
+                       taxonomy=out / "taxonomy.json", console=quiet_console())
         assert h["eval_score"] == pytest.approx(report["final"], abs=1e-12)
     best = max(logged, key=lambda h: h["eval_score"])
     assert meta["eval_metric"]["best_step"] == best["step"]
@@ -257,8 +252,8 @@ def test_two_process_cpu_run(mode, tiny_clip_dir, prepared_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_with_the_same_error(tiny_clip_dir, prepared_dir, tmp_path):
     """A NaN loss on rank 1 only: both ranks stop with the same one-line error instead of rank 0 hanging."""
-    errors = sft_with_nan_on_rank1(HEADS_RECIPE, tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "nan", *FAST,
-                                                                "heads.mode=frozen",
-                                                                f"heads.cache_dir={tmp_path / 'cache'}"))
+    overrides = tiny_overrides(tiny_clip_dir, prepared_dir, tmp_path / "nan", *HEADS_FAST, "heads.mode=frozen",
+                               f"heads.cache_dir={tmp_path / 'cache'}")
+    errors = sft_with_nan_on_rank1(HEADS_RECIPE, overrides)
     assert len(set(errors)) == 1, errors
     assert "non-finite loss at step 0 on 1 of 2 processes" in errors[0]

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import TINY_RECIPE, tiny_overrides
+from conftest import TINY_RECIPE, quiet_console, tiny_overrides
 from safetensors.torch import load_file
 
 from vlmtax.errors import VlmtaxError
@@ -28,7 +28,7 @@ def test_metric_in_trainer_equals_score_and_best_checkpoint_is_the_best_step(tin
     assert logged and {h["step"] for h in logged} <= {2, 4, 6}
     for h in logged:  # what the trainer logged is what `vlmtax score` says of the same predictions
         report = score(out / "eval" / "truth.csv", out / "eval" / f"predictions-step{h['step']}.csv",
-                       taxonomy=out / "taxonomy.json", console=_quiet())
+                       taxonomy=out / "taxonomy.json", console=quiet_console())
         assert h["eval_score"] == pytest.approx(report["final"], abs=1e-12)
         for cat, figs in report["categories"].items():
             for name, a in figs["attributes"].items():
@@ -44,12 +44,6 @@ def test_metric_in_trainer_equals_score_and_best_checkpoint_is_the_best_step(tin
     assert all((final[k] == kept[k]).all() for k in final)
     if len(logged) < 3:  # stopped early: the evaluations after the best did not improve on it
         assert all(h["eval_score"] <= best["eval_score"] for h in logged if h["step"] > best["step"])
-
-
-def _quiet():
-    from rich.console import Console
-
-    return Console(file=open("/dev/null", "w"))  # noqa: SIM115
 
 
 def test_stratified_sample_is_fixed_and_keeps_every_category():

@@ -9,7 +9,7 @@ import pytest
 from vlmtax.data.template import Template, load_template, substitute
 from vlmtax.errors import VlmtaxError
 
-DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+DATA_TEMPLATES = Path(__file__).resolve().parents[2] / "data_templates"
 
 
 @pytest.mark.parametrize("name", ["lines", "json", "json_with_values"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import RECIPES, TINY_RECIPE
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sft_cost.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "sft_cost.py"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from vlmtax.train.recipe import load_recipe
 from vlmtax.train.run import resolve_precision
 from vlmtax.train.schema import Recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 CPU, A100 = Hardware(cuda=False, bf16_ok=False), Hardware(True, True)
 
 

@@ -21,7 +21,7 @@ from vlmtax.models.loading import Hardware
 from vlmtax.sft import sft
 from vlmtax.train.recipe import load_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _recipe(model: Path, data: Path, out: Path, *extra: str, path: Path = TINY_RECIPE):

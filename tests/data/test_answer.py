@@ -61,7 +61,7 @@ def test_prompt_names_category_and_attributes():
     assert prompt.startswith("<image>") and "Kurtis" in prompt and "color, sleeve_length" in prompt
 
 
-DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+DATA_TEMPLATES = Path(__file__).resolve().parents[2] / "data_templates"
 EXPECTED = {  # the exact answer text of each shipped template for one fixed record
     "lines": "color: navy blue\nsleeve_length: three-quarter sleeves",
     "json": '{"color": "navy blue", "sleeve_length": "three-quarter sleeves"}',

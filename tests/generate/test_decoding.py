@@ -17,7 +17,7 @@ from vlmtax.generate.decoding import AnswerPlans, ConstrainedDecoder, free_decod
 from vlmtax.generate.decoding_rows import tree_mask
 from vlmtax.models.loading import load_for_inference
 
-DATA_TEMPLATES = Path(__file__).resolve().parents[1] / "data_templates"
+DATA_TEMPLATES = Path(__file__).resolve().parents[2] / "data_templates"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -133,7 +133,7 @@ def test_liger_patch_is_applied_per_family_without_its_loss(tiny_model_dir, tmp_
 
 
 
-ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "recipes" / "accelerate").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
