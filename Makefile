@@ -4,7 +4,8 @@
 #   make test-fast    the same without the tests marked slow (the inner loop, a few minutes)
 #   make test-latest  the suite against the newest releases the version ranges allow (.venv-latest), to see drift
 #   make lock         re-resolve requirements.lock (exact versions + hashes) from pyproject.toml's ranges
-#   make gpu-check    the GPU paths (fp16, bf16, 4-bit QLoRA, liger) on the tiny model; skips without CUDA
+#   make gpu-check    the GPU paths (fp16, bf16, 4-bit QLoRA with a 16-bit tower, liger, classify) on tiny models;
+#                     skips without CUDA
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 PYTHON ?= python3

@@ -5,9 +5,13 @@
 
 Stages, each printed with its time and the GPU's peak memory: sft + merge + predict in fp16 (the T4 / V100
 policy: 16-bit base, fp32 adapters under fp16 autocast) and in bf16 (only where the GPU has it: compute
-capability 8.0+); a 4-bit QLoRA run, then merge; a run with liger-kernel on; and constrained-decoding
-scores vs a teacher-forced forward pass in each dtype, within a tolerance printed per dtype. Exits 1 at
-the first failure. Sized to finish well under 8 minutes on one GPU (a few training steps per run).
+capability 8.0+); a 4-bit QLoRA load checked to keep the vision tower and merger in 16 bits (no
+bitsandbytes Linear4bit under them, while the language model's linears are), then a QLoRA run, its merge
+and predict; a run with liger-kernel on; constrained-decoding scores vs a teacher-forced forward pass in
+each dtype, within a tolerance printed per dtype; and the classify route (recipes/tiny_heads_cpu.yaml on
+a tiny random CLIP encoder) in fp16 and bf16, with a trained backbone and with frozen features, each
+through sft and predict. Exits 1 at the first failure. Sized to finish well under 8 minutes on one GPU
+(a few training steps per run). `--cpu` runs the fp32 generate and classify stages on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ os.environ.setdefault("VLMTAX_PROGRESS", "0")
 import torch  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+HEADS_RECIPE = RECIPE.with_name("tiny_heads_cpu.yaml")
 # Largest allowed |decoder score - teacher-forced score| per value (log-likelihood units): the two compute
 # the same sums through differently shaped attention, so they differ by the dtype's rounding.
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
@@ -116,6 +121,62 @@ def decoder_vs_teacher_forcing(model_dir: Path, syn: Path, dtype: str) -> str:
     return f"{dtype}: max |decoder - teacher forcing| {worst:.3g} (tolerance {TOLERANCE[dtype]})"
 
 
+def quantised_tower_linears(model: torch.nn.Module, linear4bit: type) -> tuple[list[str], list[str], list[str]]:
+    """(4-bit linears under the vision tower (merger included), 4-bit linears of the language model, all the
+    tower's linears), by the family table's tower prefix."""
+    from vlmtax.models.families import family_of
+
+    tower = family_of(model).tower + "."
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    four = [n for n, m in linears if isinstance(m, linear4bit)]
+    return ([n for n in four if n.startswith(tower)], [n for n in four if ".language_model." in f".{n}"],
+            [n for n, _ in linears if n.startswith(tower)])
+
+
+def qlora_keeps_the_tower_in_16_bits(model: Path, data: Path, out: Path) -> str:
+    """The 4-bit load sft makes (quantization=4bit, precision=auto): the tower and merger stay 16-bit nn.Linear
+    (transformers 5 matches skip names only as prefix or suffix of the full name: issue 27 item 1)."""
+    import bitsandbytes as bnb
+
+    from vlmtax.models.families import family_of
+    from vlmtax.models.loading import DTYPES, Hardware
+    from vlmtax.sft import load_model, resolve_precision
+    from vlmtax.train.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, [f"model={model}", f"data={data}", f"output_dir={out}", "finetuning=lora",
+                                  "quantization=4bit", "precision=auto"])
+    precision = resolve_precision(recipe, Hardware.detect())
+    loaded, _ = load_model(recipe, precision)
+    try:
+        in_tower, in_language, tower = quantised_tower_linears(loaded, bnb.nn.Linear4bit)
+        prefix = family_of(loaded).tower + "."
+        dtypes = {p.dtype for n, p in loaded.named_parameters() if n.startswith(prefix)}
+    finally:
+        del loaded
+        torch.cuda.empty_cache()
+    if in_tower:
+        raise RuntimeError(f"{len(in_tower)} vision tower/merger linears are 4-bit, e.g. {in_tower[0]}")
+    if not in_language or not any(".merger." in n for n in tower):
+        raise RuntimeError("the check proves nothing: no 4-bit language-model linear, or no merger under the tower")
+    if dtypes != {DTYPES[precision]}:
+        raise RuntimeError(f"the tower's parameters are {sorted(map(str, dtypes))}, not {precision}")
+    return f"{len(in_language)} language-model linears 4-bit; the tower's {len(tower)} (merger included) {precision}"
+
+
+def _classify(check: Check, work: Path, clip: Path, data: Path, syn: Path, precision: str) -> None:
+    """The classify route in `precision`: a trained backbone (the recipe's mode) and frozen 16-bit features."""
+    from vlmtax.sft import sft
+
+    for mode in ("full", "frozen"):
+        run = work / f"heads-{mode}-{precision}"
+        extra = [f"model={clip}", f"data={data}", f"output_dir={run}", f"precision={precision}", f"heads.mode={mode}",
+                 "train.max_steps=4", "train.batch_size=8", "train.eval=false", "heads.extract_batch_size=16",
+                 f"heads.cache_dir={work / f'heads-cache-{precision}'}"]
+        check.stage(f"sft classify {mode} {precision}", lambda extra=extra: str(sft(HEADS_RECIPE, extra)))
+        check.stage(f"predict classify {mode} {precision}",
+                    lambda run=run: _predict(run, syn, work / f"pred-{run.name}.csv", "auto"))
+
+
 def _pipeline(check: Check, work: Path, model: Path, data: Path, syn: Path, precision: str) -> None:
     from vlmtax.generate.merge import merge
 
@@ -136,6 +197,7 @@ def main() -> int:
         return 0
     from vlmtax.generate.merge import merge
     from vlmtax.models.loading import bf16_supported
+    from vlmtax.models.tiny_vision import build_tiny_vision
 
     check = Check(cuda)
     if cuda:
@@ -145,20 +207,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, data, syn = _setup(work)
+        clip = build_tiny_vision(work / "tiny-clip", family="clip", seed=0)
         if not cuda:
             _pipeline(check, work, model, data, syn, "fp32")
+            _classify(check, work, clip, data, syn, "fp32")
         else:
-            _pipeline(check, work, model, data, syn, "fp16")
-            if bf16_supported():
-                _pipeline(check, work, model, data, syn, "bf16")
-            else:
+            precisions = ["fp16", "bf16"] if bf16_supported() else ["fp16"]
+            if len(precisions) == 1:
                 print("skip bf16: this GPU has no bf16 in hardware (compute capability below 8.0)", flush=True)
-            check.stage("sft 4-bit QLoRA", lambda: str(_sft(model, data, work / "run-qlora", "quantization=4bit")))
+            for precision in precisions:
+                _pipeline(check, work, model, data, syn, precision)
+            check.stage("4-bit QLoRA load keeps the vision tower in 16 bits",
+                        lambda: qlora_keeps_the_tower_in_16_bits(model, data, work / "run-qlora-load"))
+            check.stage("sft 4-bit QLoRA", lambda: str(_sft(model, data, work / "run-qlora", "quantization=4bit",
+                                                             "precision=auto")))
             check.stage("merge 4-bit QLoRA (16-bit reload)", lambda: str(merge(work / "run-qlora",
                                                                                 work / "merged-qlora")))
+            check.stage("predict 4-bit QLoRA (merged)",
+                        lambda: _predict(work / "merged-qlora", syn, work / "pred-qlora.csv", "auto"))
             check.stage("merge 4-bit QLoRA on the CPU", lambda: str(merge(work / "run-qlora", work / "merged-cpu",
                                                                           device="cpu")))
             check.stage("sft with liger-kernel", lambda: str(_sft(model, data, work / "run-liger", "train.liger=true")))
+            for precision in precisions:
+                _classify(check, work, clip, data, syn, precision)
     print(f"gpu-check passed in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

@@ -3,7 +3,9 @@ real module names, and what prepare_model leaves in 16 bits (bitsandbytes itself
 
 from __future__ import annotations
 
+import importlib.util
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +54,36 @@ def test_qlora_upcasts_only_what_trains(tiny_model_dir, tmp_path):
     frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
     assert trainable and set(trainable.values()) == {torch.float32}
     assert set(frozen.values()) == {torch.bfloat16}, {n: d for n, d in frozen.items() if d != torch.bfloat16}
+
+
+def _gpu_check():
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_finds_a_4bit_tower(tiny_model_dir, tmp_path):
+    """make gpu-check's QLoRA stage (bitsandbytes needs CUDA): its check run on the module classes a 4-bit load
+    would give, converted by transformers' own rule, with sft's skip list and with the bare names it once had."""
+    from vlmtax.generate.model import quantization_config
+    from vlmtax.models.families import family_of
+
+    class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit
+        pass
+
+    recipe = _recipe(tiny_model_dir, tmp_path, "quantization=4bit", "finetuning=lora")
+    found = {}
+    for label, skip in (("sft", None), ("bare names", ["visual", "lm_head"])):
+        model = skeleton(recipe)
+        if skip is None:
+            skip = quantization_config(recipe, torch.float16, family_of(model)).llm_int8_skip_modules
+        skip = HfQuantizer.get_modules_to_not_convert(model, skip, model._keep_in_fp32_modules)
+        for name, module in model.named_modules():
+            if type(module) is torch.nn.Linear and should_convert_module(name, skip):
+                module.__class__ = Linear4bit
+        found[label] = _gpu_check().quantised_tower_linears(model, Linear4bit)
+    in_tower, in_language, tower = found["sft"]
+    assert not in_tower and in_language and any(".merger." in n for n in tower)
+    assert found["bare names"][0]  # the check fails on the skip list that quantised the tower

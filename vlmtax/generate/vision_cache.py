@@ -3,16 +3,17 @@
 With `freeze.vision` and `freeze.projector` on, the features the language model receives for an image
 are the same at every step, yet the stock path decodes, resizes and encodes the image again each
 time. `train.cache_vision` computes them in a pre-pass before training (each process its own share of
-the images not yet cached), stores one safetensors file per image at the dtype the training forward
-produces them in, and the collator then reads them back (memory-mapped) instead of the pixels. The
+the images not yet cached), stores one safetensors file per image in the dtype the model consumes them in
+or in fp8 with per-row scales (vision_cache_storage.py: the formats, and the disk they need against the
+free disk), and the collator then reads them back (memory-mapped) instead of the pixels. The
 model receives them through transformers' `mm_encoder_outputs`, so it still places them at the image
 tokens and computes the M-RoPE positions from `image_grid_thw` itself: the language model sees the
 same inputs as without the cache.
 
-Layout: `<cache dir>/<key of the vision weights, processor settings and dtype>/<sha256 of the image
-file>.safetensors`, holding `features` (image tokens x hidden) and `grid_thw`. Files are written under
-a temporary name and renamed, so an interrupted pre-pass leaves no partial entry and a resumed run
-computes only what is missing.
+Layout: `<cache dir>/<key of the vision weights, processor settings and autocast>-<storage>-<dtype>/<sha256
+of the image file>.safetensors`, holding `features` (image tokens x hidden), `grid_thw`, and in fp8
+`scale`. Files are written under a temporary name and renamed, so an interrupted pre-pass leaves no
+partial entry and a resumed run computes only what is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from vlmtax.data.chat import image_token_count
 from vlmtax.data.records import load_image
 from vlmtax.errors import VlmtaxError
 from vlmtax.fileio import atomic_path, file_sha256, os_error
+from vlmtax.generate.vision_cache_storage import Storage, candidates, exact_dtype, shortfall, usable_bytes
 from vlmtax.models.families import FAMILIES
 from vlmtax.train.schema import Recipe
 
@@ -75,22 +78,24 @@ def weights_key(tower: torch.nn.Module, processor: Any, dtype: str) -> str:
     return h.hexdigest()[:24]
 
 
-def estimated_bytes(processor: Any, paths: list[str], recipe: Recipe, hidden: int, dtype: torch.dtype) -> int:
-    """Disk the cache needs: image tokens (from the image headers) x hidden size x bytes per value."""
-    tokens = 0
+def image_tokens(processor: Any, paths: Iterable[str], recipe: Recipe) -> dict[str, int]:
+    """Image tokens of each image, from its header and the processor's own resize arithmetic."""
+    tokens = {}
     for path in paths:
         with Image.open(path) as img:
             width, height = img.size
-        tokens += image_token_count(processor, width, height, recipe.image.min_pixels, recipe.image.max_pixels)
-    return tokens * hidden * torch.empty((), dtype=dtype).element_size()
+        tokens[path] = image_token_count(processor, width, height, recipe.image.min_pixels, recipe.image.max_pixels)
+    return tokens
 
 
 class VisionCache:
-    """One folder of per-image feature files for one (tower weights, processor settings, dtype)."""
+    """One folder of per-image feature files for one (tower weights, processor settings, storage format).
+    `storage` None stores the features as produced (tests); `names` shares image hashes between caches."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, storage: Storage | None = None, names: dict[str, str] | None = None):
         self.dir = Path(root) / key
-        self._names: dict[str, str] = {}
+        self.storage = storage
+        self._names: dict[str, str] = {} if names is None else names
         self.computed = 0  # images this process encoded, for tests and the log
 
     def file(self, image: str) -> Path:
@@ -137,8 +142,10 @@ class VisionCache:
             with torch.no_grad(), context():
                 feats = model.get_image_features(vision["pixel_values"].to(device), grid.to(device)).pooler_output
             for image, feat, g in zip(chunk, feats, grid):
+                feat = feat.detach().cpu()
+                stored = self.storage.encode(feat) if self.storage else {"features": feat.contiguous()}
                 with atomic_path(self.file(image)) as tmp:
-                    save_file({"features": feat.detach().cpu().contiguous(), "grid_thw": g.clone()}, str(tmp))
+                    save_file({**stored, "grid_thw": g.clone()}, str(tmp))
             self.computed += len(chunk)
 
     def batch(self, images: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -148,8 +155,9 @@ class VisionCache:
         feats, grids = [], []
         for image in images:
             with safe_open(str(self.file(image)), framework="pt") as f:
-                feats.append(f.get_tensor("features"))
-                grids.append(f.get_tensor("grid_thw"))
+                stored = {name: f.get_tensor(name) for name in f.keys()}
+            feats.append(self.storage.decode(stored) if self.storage else stored["features"])
+            grids.append(stored["grid_thw"])
         if not feats:
             return {}, []
         return ({"image_embeds": torch.cat(feats), "image_grid_thw": torch.stack(grids)},
@@ -166,6 +174,42 @@ def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def choose_cache(trainer: Any, recipe: Recipe, processor: Any, images: list[str]) -> VisionCache | None:
+    """The first storage format of train.cache_vision_storage whose cache fits (vision_cache_storage.py), or
+    None after one warning naming the sizes and the fix. Every process decides on its own disk figures, then
+    all take the most cautious decision, so no process waits at a barrier that another skipped."""
+    model, acc = trainer.model, trainer.accelerator
+    tower = vision_tower(model)
+    base = weights_key(tower, processor, f"{acc.mixed_precision}/v2")
+    exact = exact_dtype(model, next(tower.parameters()).dtype, acc.mixed_precision)
+    storages = candidates(recipe.train.cache_vision_storage, exact)
+    root = Path(recipe.train.cache_vision_dir or recipe.output_dir / CACHE_DIRNAME)
+    tokens = image_tokens(processor, sorted(set(images)), recipe)
+    hidden, cap = model.config.get_text_config().hidden_size, recipe.train.cache_vision_max_gb
+    usable, free = usable_bytes(root)
+    names: dict[str, str] = {}
+    caches, needs = [], []
+    for storage in storages:
+        cache = VisionCache(root, f"{base}-{storage.name}-{str(storage.dtype).removeprefix('torch.')}", storage, names)
+        todo = cache.missing(images)
+        caches.append(cache)
+        needs.append((storage.bytes_for(sum(tokens.values()), hidden),
+                      storage.bytes_for(sum(tokens[p] for p in todo), hidden)))
+    pick = next((i for i, (total, write) in enumerate(needs)
+                 if write <= usable and (cap is None or total <= cap * 1e9)), len(caches))
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pick = max(gather_object([pick]))
+    if pick == len(caches):
+        warnings.warn(shortfall(storages, needs, root, cap, free, usable), stacklevel=3)
+        return None
+    if pick > 0:
+        sys.stderr.write(f"vision cache: {needs[0][0] / 1e9:.1f} GB in {exact} does not fit, "
+                         f"storing fp8 ({needs[pick][0] / 1e9:.1f} GB)\n")
+    return caches[pick]
+
+
 def setup(trainer: Any, recipe: Recipe, processor: Any, records: list[dict[str, Any]]) -> VisionCache | None:
     """Build or complete the cache for every record's images before training; None when it is off.
 
@@ -175,17 +219,10 @@ def setup(trainer: Any, recipe: Recipe, processor: Any, records: list[dict[str, 
     if not wanted(recipe, model.config.model_type):
         return None
     images = [p for rec in records for p in rec["images"]]
-    dtype = next(vision_tower(model).parameters()).dtype
-    need = estimated_bytes(processor, sorted(set(images)), recipe, model.config.get_text_config().hidden_size, dtype)
-    if need > recipe.train.cache_vision_max_gb * 1e9:
-        warnings.warn(f"the vision cache would need {need / 1e9:.1f} GB, over train.cache_vision_max_gb="
-                      f"{recipe.train.cache_vision_max_gb}: training without it", stacklevel=2)
+    cache = choose_cache(trainer, recipe, processor, images)
+    if cache is None:
         return None
-    root = recipe.train.cache_vision_dir or recipe.output_dir / CACHE_DIRNAME
     acc = trainer.accelerator
-    # The features are stored as the training forward computes them: in the tower's dtype, under the
-    # mixed-precision autocast accelerate wraps the forward in.
-    cache = VisionCache(root, weights_key(vision_tower(model), processor, f"{dtype}/{acc.mixed_precision}"))
     todo = cache.missing(images)
     acc.wait_for_everyone()
     cache.fill(model, processor, todo[acc.process_index::acc.num_processes], recipe.train.batch_size,

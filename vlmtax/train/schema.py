@@ -74,7 +74,12 @@ class Train(_Strict):
     # Frozen vision features computed once before training and read from disk every epoch (generate/vision_cache.py);
     # null = on when freeze.vision and freeze.projector are both on.
     cache_vision: bool | None = None
-    cache_vision_max_gb: float = Field(50.0, gt=0)  # past this estimate, train without the cache (one warning)
+    # Stored in the dtype the model consumes (exact) or in fp8 with per-row scales (half the disk); auto = exact
+    # when it fits, else fp8 (vision_cache_storage.py).
+    cache_vision_storage: Literal["auto", "exact", "fp8"] = "auto"
+    # The cache must fit in its folder's free disk less a headroom; a number also caps its whole size in GB.
+    # Past either, train without the cache (one warning naming the sizes and the fix).
+    cache_vision_max_gb: float | None = Field(None, gt=0)
     cache_vision_dir: Path | None = None  # null = <output_dir>/vision_cache
     packing: bool = False  # several records per row up to max_length, attention kept per record (packing.py)
     # Passed to TRL's SFTConfig as they are (checked in train/trainer_extra.py): optim, report_to, torch_compile, ...
