@@ -138,10 +138,11 @@ def qlora_keeps_the_tower_in_16_bits(model: Path, data: Path, out: Path) -> str:
     (transformers 5 matches skip names only as prefix or suffix of the full name: issue 27 item 1)."""
     import bitsandbytes as bnb
 
+    from vlmtax.generate.model import load_model
     from vlmtax.models.families import family_of
     from vlmtax.models.loading import DTYPES, Hardware
-    from vlmtax.sft import load_model, resolve_precision
     from vlmtax.train.recipe import load_recipe
+    from vlmtax.train.run import resolve_precision
 
     recipe = load_recipe(RECIPE, [f"model={model}", f"data={data}", f"output_dir={out}", "finetuning=lora",
                                   "quantization=4bit", "precision=auto"])

@@ -74,9 +74,9 @@ def main() -> None:
     args = ap.parse_args()
     from vlmtax.data.prepare import prepare
     from vlmtax.data.synth import synth
+    from vlmtax.generate.model import load_model, prepare_model
     from vlmtax.generate.trainer import build_trainer
     from vlmtax.models.tiny_model import build_tiny_model
-    from vlmtax.sft import load_model, prepare_model
     from vlmtax.train.recipe import load_recipe
 
     torch.manual_seed(0)
